@@ -1,0 +1,212 @@
+"""End-to-end benchmark "B32-4x32": featcal against the published reference, side by side.
+
+The case: CLIP ViT-B/32 vision encoder (hidden 768, 12 blocks, 12 heads, MLP 3072, image 224,
+patch 32), random init with seed 0; 4 experts = base + Gaussian deltas of 5% of each tensor's
+std; Task Arithmetic 0.3; 32 random images per task, batch 16; float32; FeatCal defaults.
+
+Each implementation runs in its own process (so each peak RSS is its own), on the same case
+built from the same seeds; the parent compares their calibrated weights and final features.
+
+    python bench/e2e_clip_b32.py                                   # featcal only
+    python bench/e2e_clip_b32.py --reference /path/to/featcal-ref/src   # side by side
+
+`--reference` is the `src` folder of a checkout of github.com/egangu/featcal (kept outside this
+repository). Only its two calibration entry points are used; the harness feeds them the
+case's images instead of its dataset loaders and points them at this transformers version's
+CLIP layout (blocks at `encoder.layers`, block-0 input `pre_layrnorm(embeddings(x))`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+SEED = 0
+TASKS = 4
+IMAGES = 32
+BATCH = 16
+SCALING = 0.3
+
+
+def build_case(layers: int = 12):
+    """(base, experts, merged, images, eval_images), deterministic."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    import featcal
+
+    torch.manual_seed(SEED)
+    config = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+    )
+    base = CLIPVisionModel(config).eval()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    experts = {}
+    for t in range(TASKS):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in expert.parameters():
+                if p.numel() > 1:
+                    p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+        experts[f"task{t}"] = expert
+    merged = featcal.task_arithmetic(base, experts, scaling=SCALING)
+    images = {t: torch.randn(IMAGES, 3, 224, 224, generator=gen) for t in experts}
+    eval_images = torch.randn(16, 3, 224, 224, generator=gen)
+    return base, experts, merged, images, eval_images
+
+
+def run_featcal(case) -> float:
+    import featcal
+
+    base, experts, merged, images, _ = case
+    data = {
+        t: [{"pixel_values": x[i : i + BATCH]} for i in range(0, IMAGES, BATCH)] for t, x in images.items()
+    }
+    start = time.perf_counter()
+    featcal.calibrate(
+        merged, base=base, experts=experts, data=data, config=featcal.FeatCalConfig(progress=False)
+    )
+    return time.perf_counter() - start
+
+
+def run_reference(case, src: str) -> float:
+    # The reference's calibration module imports dataset and hub loaders it does not need here.
+    sys.path.insert(0, src)
+    for name in ("featcal.data", "featcal.models"):
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["featcal.data"].iter_limited_image_batches = None
+    sys.modules["featcal.data"].load_task_dataset = None
+    sys.modules["featcal.data"].make_clip_loader = None
+    sys.modules["featcal.models"].load_vision_model = None
+    for name in [m for m in sys.modules if m == "featcal" or m.startswith("featcal.")]:
+        if name not in ("featcal.data", "featcal.models"):
+            del sys.modules[name]
+    import featcal.featcal as ref
+
+    assert Path(ref.__file__).resolve().is_relative_to(Path(src).resolve()), ref.__file__
+    ref._clip_layers = lambda model: model.encoder.layers
+    ref._clip_first_layer_input = lambda model, x: model.pre_layrnorm(model.embeddings(x))
+    base, experts, merged, images, _ = case
+
+    class Calibrator(ref.CLIPFeatCalibrator):
+        def prepare_first_layer_inputs(self, *, merged_model, expert_models, tasks):
+            first = ref._clip_first_layer_input
+            with torch.no_grad():
+                student = {
+                    t: [first(merged_model, images[t][i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
+                    for t in tasks
+                }
+                expert = {
+                    t: [first(expert_models[t], images[t][i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
+                    for t in tasks
+                }
+            return student, expert
+
+    calibrator = Calibrator(ref.FeatCalConfig(), processor=None, device=torch.device("cpu"))
+    start = time.perf_counter()
+    calibrator.calibrate(merged_model=merged, base_model=base, expert_models=experts, tasks=list(experts))
+    return time.perf_counter() - start
+
+
+def child(which: str, out: str, src: str | None, layers: int) -> None:
+    """Build the case, run one implementation, save its weights and final features."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    case = build_case(layers)
+    seconds = run_featcal(case) if which == "featcal" else run_reference(case, src)
+    merged, eval_images = case[2], case[4]
+    with torch.no_grad():
+        feats = merged(pixel_values=eval_images).last_hidden_state
+    tensors = {f"param.{k}": v.contiguous() for k, v in merged.state_dict().items()}
+    tensors["features"] = feats.contiguous()
+    save_file(tensors, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"which": which, "seconds": seconds, "peak_rss_bytes": peak}))
+
+
+def compare(a: str, b: str) -> dict:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    worst = max(
+        ((x[k] - y[k]).norm() / y[k].norm().clamp_min(1e-30)).item()
+        for k in y
+        if k.startswith("param.")
+        and y[k].is_floating_point()
+        and "encoder.layers" in k
+        and k.endswith("weight")
+    )
+    features = ((x["features"] - y["features"]).norm() / y["features"].norm()).item()
+    return {"max_weight_rel_diff": worst, "features_rel_diff": features}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reference", help="src/ folder of a checkout of github.com/egangu/featcal")
+    parser.add_argument("--layers", type=int, default=12, help="blocks (12 for the standard case)")
+    parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--child", choices=["featcal", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.out, args.reference, args.layers)
+        return
+
+    runs = ["featcal"] + (["reference"] if args.reference else [])
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which in runs:
+            out = os.path.join(tmp, f"{which}.safetensors")
+            cmd = [sys.executable, __file__, "--child", which, "--out", out, "--layers", str(args.layers)]
+            if args.reference:
+                cmd += ["--reference", args.reference]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[which]["file"] = out
+        summary = {
+            "case": f"B32-4x32 ({args.layers} blocks)" if args.layers != 12 else "B32-4x32",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "runs": {
+                k: {"seconds": v["seconds"], "peak_rss_gib": v["peak_rss_bytes"] / 2**30}
+                for k, v in results.items()
+            },
+        }
+        if args.reference:
+            summary["speedup"] = results["reference"]["seconds"] / results["featcal"]["seconds"]
+            summary["agreement"] = compare(results["featcal"]["file"], results["reference"]["file"])
+    print(f"case {summary['case']} on {summary['machine']}, torch {summary['torch']}")
+    for which, r in summary["runs"].items():
+        print(f"  {which:9s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_gib']:.2f} GiB")
+    if args.reference:
+        agree = summary["agreement"]
+        print(
+            f"  speed-up {summary['speedup']:.2f}x; weights max rel diff {agree['max_weight_rel_diff']:.1e}, "
+            f"final features rel diff {agree['features_rel_diff']:.1e}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

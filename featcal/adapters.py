@@ -1,0 +1,173 @@
+"""Model-family adapters: where a model's blocks are, how to run one, and which tokens count.
+
+An adapter is small. To support a new family, register one:
+
+    featcal.register_adapter(featcal.ModelAdapter(
+        name="my-encoder",
+        classes=("MyEncoderModel",),              # class names matched along the model's MRO
+        blocks=lambda backbone: backbone.layers,  # the transformer blocks, in forward order
+    ))
+
+Optional fields: `backbone` (the module to call with a batch; by default the HF base model of a
+task-head wrapper), `inputs` (batch keys passed to it), `token_mask` (padding mask of a batch,
+weight 0 for padding), `token_focus` (extra token weights per block and module) and `run_block`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .errors import UnsupportedModelError
+
+Batch = Tensor | Mapping[str, Tensor]
+
+
+def first_output(output) -> Tensor:
+    """The hidden states returned by a block: a tensor, or the first item of a tuple / ModelOutput."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return next(iter(output.values()))
+    return output[0]
+
+
+def call_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """Run one block on captured inputs and return its output hidden states."""
+    return first_output(block(*args, **kwargs))
+
+
+def first_attribute(obj, *paths: str):
+    """The first of the dotted attribute `paths` that `obj` has (model layouts vary by version)."""
+    for path in paths:
+        value = obj
+        for part in path.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
+        else:
+            return value
+    raise AttributeError(f"{type(obj).__name__} has none of the attributes {list(paths)}")
+
+
+def hf_backbone(model: nn.Module) -> nn.Module:
+    """The HF base model inside a task-head wrapper (`BertForSequenceClassification.bert`), else the model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def attention_mask_of(batch: Batch) -> Tensor | None:
+    """The (batch, tokens) `attention_mask` of a batch, if it has one: padding tokens weigh 0."""
+    if isinstance(batch, Mapping):
+        return batch.get("attention_mask")
+    return None
+
+
+def no_token_mask(batch: Batch) -> None:
+    return None
+
+
+def no_focus(block_index: int, num_blocks: int, module_name: str) -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How featcal drives one model family.
+
+    name: the family, as shown in messages.
+    classes: model class names this adapter accepts, matched along the model's class hierarchy.
+    blocks: backbone -> its transformer blocks in forward order (an nn.ModuleList).
+    backbone: model -> the module that is called with a batch and runs the blocks.
+    inputs: batch keys passed to the backbone (None: all of them).
+    token_mask: batch -> (batch, tokens) weights, 0 for padding (None: every token weighs 1).
+    token_focus: (block index, number of blocks, module name) -> weight of tokens 1.. relative to
+        token 0 for that module's statistics, or None for uniform weights.
+    run_block: (block, args, kwargs) -> output hidden states of the block.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]
+    backbone: Callable[[nn.Module], nn.Module] = hf_backbone
+    inputs: tuple[str, ...] | None = None
+    token_mask: Callable[[Batch], Tensor | None] = attention_mask_of
+    token_focus: Callable[[int, int, str], float | None] = no_focus
+    run_block: Callable[[nn.Module, tuple, dict], Tensor] = call_block
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(cls.__name__ in self.classes for cls in type(model).__mro__)
+
+
+def _clip_vision_backbone(model: nn.Module) -> nn.Module:
+    # transformers 4.x: CLIPModel/CLIPVisionModel.vision_model is a CLIPVisionTransformer;
+    # 5.x: CLIPVisionModel holds the encoder itself and CLIPModel.vision_model is a CLIPVisionModel.
+    return getattr(model, "vision_model", model)
+
+
+def clip_class_token_focus(block_index: int, num_blocks: int, module_name: str) -> float | None:
+    """The reference's focus on the class token in the last block, except for keys and values."""
+    last = block_index == num_blocks - 1
+    return 0.01 if last and not module_name.endswith(("k_proj", "v_proj")) else None
+
+
+CLIP_VISION = ModelAdapter(
+    name="clip-vision",
+    classes=("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPVisionTransformer"),
+    blocks=lambda backbone: backbone.encoder.layers,
+    backbone=_clip_vision_backbone,
+    inputs=("pixel_values",),
+    token_mask=no_token_mask,
+    token_focus=clip_class_token_focus,
+)
+
+VIT = ModelAdapter(
+    name="vit",
+    classes=("ViTPreTrainedModel",),
+    blocks=lambda backbone: first_attribute(backbone, "layers", "encoder.layer"),
+    inputs=("pixel_values", "interpolate_pos_encoding"),
+    token_mask=no_token_mask,
+)
+
+BERT = ModelAdapter(
+    name="bert",
+    classes=("BertPreTrainedModel", "RobertaPreTrainedModel"),
+    blocks=lambda backbone: backbone.encoder.layer,
+    inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"),
+)
+
+_DESCRIPTIONS = {
+    "clip-vision": "CLIPVisionModel, CLIPVisionModelWithProjection, the vision tower of CLIPModel",
+    "vit": "ViTModel and its task heads (ViTForImageClassification, ...)",
+    "bert": "BertModel, RobertaModel and their task heads (...ForSequenceClassification, ...)",
+}
+
+_ADAPTERS: list[ModelAdapter] = [CLIP_VISION, VIT, BERT]
+
+
+def register_adapter(adapter: ModelAdapter) -> None:
+    """Add an adapter; it takes precedence over the built-in ones."""
+    _ADAPTERS.insert(0, adapter)
+
+
+def find_adapter(model: nn.Module, role: str = "model") -> ModelAdapter:
+    """The adapter for `model`, or an error that lists the supported families and how to add one."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    families = "\n".join(
+        f"  - {a.name}: {_DESCRIPTIONS.get(a.name, ', '.join(a.classes))}" for a in _ADAPTERS
+    )
+    raise UnsupportedModelError(
+        f"featcal does not know how to calibrate the {role}, a {type(model).__name__}.\n"
+        f"Supported families:\n{families}\n"
+        "To add one, register a small adapter that says where the blocks are, how to run one "
+        "and which tokens count, e.g.\n"
+        "    featcal.register_adapter(featcal.ModelAdapter(name='mine', classes=('MyModel',),\n"
+        "        blocks=lambda backbone: backbone.encoder.layers))\n"
+        "See featcal/adapters.py for the optional fields (backbone, inputs, token_mask, "
+        "token_focus, run_block)."
+    )

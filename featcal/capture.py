@@ -1,0 +1,149 @@
+"""Capture the inputs of the first block once, and replay any block on them.
+
+A forward pre-hook with kwargs on block 0 records what the model passes to its blocks
+(hidden states, attention masks, position embeddings, ...) and stops the forward there, so
+the rest of the model never runs. Every later block is called with the same arguments and
+the hidden states of the current stream.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Batch, ModelAdapter
+from .errors import FeatCalError
+from .ops import accumulator_dtype
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockContext:
+    """Everything a block receives besides its hidden states, for one batch."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+
+    def arguments(self, hidden: Tensor) -> tuple[tuple, dict]:
+        if self.hidden_as_kwarg:
+            return self.args, {**self.kwargs, "hidden_states": hidden}
+        return (hidden, *self.args), self.kwargs
+
+
+class Streams:
+    """Hidden states of one task at the current block boundary, one tensor per batch, with the
+    captured arguments to replay blocks on them."""
+
+    def __init__(self) -> None:
+        self.student: list[Tensor] = []
+        self.expert: list[Tensor] = []
+        self.student_ctx: list[BlockContext] = []
+        self.expert_ctx: list[BlockContext] = []
+        self.weights: list[Tensor | None] = []
+        # The uncalibrated merged model's hidden states on the drift examples (first of batch 0).
+        self.drift: Tensor | None = None
+        self.drift_ctx: BlockContext | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.student)
+
+
+def run_block(adapter: ModelAdapter, block: nn.Module, hidden: Tensor, ctx: BlockContext) -> Tensor:
+    """The output hidden states of `block` on `hidden` with the captured arguments `ctx`."""
+    args, kwargs = ctx.arguments(hidden)
+    return adapter.run_block(block, args, kwargs)
+
+
+def stop_forward() -> None:
+    raise _StopForward
+
+
+def run_until_stopped(fn, *args, **kwargs) -> None:
+    """Call fn, treating an early stop raised by a hook as normal completion."""
+    try:
+        fn(*args, **kwargs)
+    except _StopForward:
+        pass
+
+
+def backbone_inputs(adapter: ModelAdapter, batch: Batch) -> tuple[dict, list[str]]:
+    """The keyword inputs the adapter passes to its backbone, and the batch keys it drops."""
+    if not isinstance(batch, Mapping):
+        raise FeatCalError("a batch must be a tensor or a dict of tensors")
+    if adapter.inputs is None:
+        return dict(batch), []
+    kept = {k: v for k, v in batch.items() if k in adapter.inputs}
+    return kept, sorted(k for k in batch if k not in adapter.inputs)
+
+
+def capture_first_block_inputs(
+    adapter: ModelAdapter, model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[Tensor, BlockContext]:
+    """Run `model` on `batch` up to its first block; return the block's hidden states and context."""
+    backbone = adapter.backbone(model)
+    first = adapter.blocks(backbone)[0]
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        if isinstance(batch, Tensor):
+            run_until_stopped(backbone, batch.to(device))
+        else:
+            inputs, _ = backbone_inputs(adapter, batch)
+            run_until_stopped(backbone, **{k: _to(v, device) for k, v in inputs.items()})
+    finally:
+        handle.remove()
+    if not captured:
+        raise FeatCalError(
+            f"the forward pass of {type(backbone).__name__} never reached its first block; "
+            "check the adapter's `blocks` and `backbone`"
+        )
+    args, kwargs = captured["args"], dict(captured["kwargs"])
+    if args:
+        hidden, rest, as_kwarg = args[0], tuple(args[1:]), False
+    elif "hidden_states" in kwargs:
+        hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
+    else:
+        params = list(inspect.signature(first.forward).parameters)
+        raise FeatCalError(
+            f"cannot find the hidden states among the inputs of {type(first).__name__} "
+            f"(parameters {params}); pass them as the first positional argument or as "
+            "`hidden_states`, or give the adapter a `run_block`"
+        )
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        raise FeatCalError(
+            f"the first block of {type(backbone).__name__} receives hidden states of shape "
+            f"{getattr(hidden, 'shape', None)}; featcal needs (batch, tokens, hidden)"
+        )
+    return hidden.detach(), BlockContext(rest, kwargs, as_kwarg)
+
+
+def token_weights(adapter: ModelAdapter, batch: Batch, hidden: Tensor) -> Tensor | None:
+    """Per-token weights (batch, tokens) of a batch from its padding mask; None when all weigh 1."""
+    mask = adapter.token_mask(batch)
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise FeatCalError(
+            f"the token mask of shape {tuple(mask.shape)} does not match the hidden states of "
+            f"shape {tuple(hidden.shape)} (batch, tokens, hidden)"
+        )
+    mask = mask.to(device=hidden.device, dtype=accumulator_dtype(hidden.dtype))
+    return None if bool((mask == 1).all()) else mask
+
+
+def _to(value, device: torch.device):
+    return value.to(device) if isinstance(value, Tensor) else value

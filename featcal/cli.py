@@ -1,0 +1,142 @@
+"""The `featcal` command: merge experts, and calibrate a merged model with FeatCal.
+
+    featcal merge --method ta --base BASE --experts t1=DIR t2=DIR --out MERGED
+    featcal calibrate --base BASE --merged MERGED --experts t1=DIR ... --data t1=FILE ... --out OUT
+
+Bad input exits with status 2 and a one-line message naming what is wrong; outputs are
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import FeatCalConfig
+from .errors import FeatCalError
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    """Parse task=VALUE arguments into an ordered dict; refuse malformed or repeated tasks."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        task, sep, item = value.partition("=")
+        if not sep or not task or not item:
+            raise FeatCalError(f"{what} must be given as task=VALUE, got {value!r}")
+        if task in pairs:
+            raise FeatCalError(f"task {task!r} is given twice in {what}")
+        pairs[task] = item
+    return pairs
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base (pretrained) model: directory or hub id")
+    parser.add_argument("--experts", nargs="+", required=True, metavar="TASK=PATH", help="fine-tuned experts")
+    parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featcal", description="FeatCal post-merging calibration.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge experts by Task Arithmetic or TIES")
+    _common(merge)
+    merge.add_argument("--method", choices=["ta", "ties"], default="ta")
+    merge.add_argument("--scaling", type=float, help="scaling of the merged task vector (ta: 0.3, ties: 1.0)")
+    merge.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
+
+    cal = sub.add_parser("calibrate", help="calibrate a merged model with FeatCal")
+    _common(cal)
+    cal.add_argument("--merged", required=True, help="merged model: directory or hub id")
+    cal.add_argument("--data", nargs="+", required=True, metavar="TASK=FILE", help="safetensors input files")
+    cal.add_argument("--batch-size", type=int, default=16)
+    cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    cal.add_argument("--report", type=Path, help="also write the JSON report here")
+    defaults = FeatCalConfig()
+    cal.add_argument("--lambda-ratio", type=float, default=defaults.lambda_ratio)
+    cal.add_argument("--anchor-blend-rho", type=float, default=defaults.anchor_blend_rho)
+    cal.add_argument("--teacher-interp-alpha", type=float, default=defaults.teacher_interp_alpha)
+    cal.add_argument("--covariance-eps", type=float, default=defaults.covariance_eps)
+    cal.add_argument("--no-calibrate-bias", dest="calibrate_bias", action="store_false")
+    cal.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
+    cal.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
+    cal.add_argument(
+        "--drift-examples",
+        type=int,
+        default=defaults.drift_examples,
+        help="examples per task on which the report measures feature drift (0: none)",
+    )
+    return parser
+
+
+def run_merge(args) -> None:
+    from .checkpoint import atomic_directory, check_output, load_model, resolve, save_model
+    from .merging import task_arithmetic, ties_merging
+
+    check_output(args.out, args.overwrite)
+    experts_src = _pairs(args.experts, "--experts")
+    base = load_model(args.base)
+    experts = {task: load_model(path) for task, path in experts_src.items()}
+    if args.method == "ta":
+        merged = task_arithmetic(base, experts, scaling=0.3 if args.scaling is None else args.scaling)
+    else:
+        scaling = 1.0 if args.scaling is None else args.scaling
+        merged = ties_merging(base, experts, scaling=scaling, density=args.density)
+    with atomic_directory(args.out, args.overwrite) as tmp:
+        save_model(merged, tmp, companions_from=resolve(args.base))
+    print(f"merged {len(experts)} experts by {args.method} into {args.out}")
+
+
+def run_calibrate(args) -> None:
+    from .checkpoint import atomic_directory, check_output, load_model, resolve, save_model
+    from .data import load_calibration_file
+    from .driver import calibrate, check_tasks
+
+    check_output(args.out, args.overwrite)
+    experts_src = _pairs(args.experts, "--experts")
+    data_src = _pairs(args.data, "--data")
+    config = FeatCalConfig(
+        lambda_ratio=args.lambda_ratio,
+        anchor_blend_rho=args.anchor_blend_rho,
+        teacher_interp_alpha=args.teacher_interp_alpha,
+        covariance_eps=args.covariance_eps,
+        calibrate_bias=args.calibrate_bias,
+        calibrate_layernorm=args.calibrate_layernorm,
+        cross_method=args.cross_method,
+        drift_examples=args.drift_examples,
+        progress=not args.quiet,
+    )
+    check_tasks(experts_src, data_src)
+    data = {task: load_calibration_file(path, args.batch_size) for task, path in data_src.items()}
+    merged = load_model(args.merged)
+    base = load_model(args.base)
+    experts = {task: load_model(path) for task, path in experts_src.items()}
+    model, report = calibrate(
+        merged, base=base, experts=experts, data=data, config=config, device=args.device
+    )
+    with atomic_directory(args.out, args.overwrite) as tmp:
+        save_model(model, tmp, companions_from=resolve(args.merged))
+        report.write_json(tmp / "featcal_report.json")
+    if args.report:
+        report.write_json(args.report)
+    print(report.summary())
+    print(f"wrote {args.out} (report: {args.out / 'featcal_report.json'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="featcal: %(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        {"merge": run_merge, "calibrate": run_calibrate}[args.command](args)
+    except FeatCalError as err:
+        print(f"featcal: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""FeatCal hyperparameters. Field names and defaults follow the reference run (featcal-math.md s.5)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import FeatCalError
+
+CROSS_METHODS = ("auto", "cross", "project")
+
+
+@dataclass
+class FeatCalConfig:
+    """Hyperparameters of FeatCal and switches of this implementation.
+
+    lambda_ratio: ridge weight `lam` pulling each parameter toward its anchor (absolute, >= 0).
+    anchor_blend_rho: `rho` in anchor = rho * merged + (1 - rho) * base.
+    teacher_interp_alpha: `alpha` in the teacher input x_t = alpha * x_expert + (1 - alpha) * x_student.
+    covariance_eps: `eps`, floor of the Gram norms, added to the solve diagonal and det floor.
+    calibrate_bias: re-solve Linear biases (else they keep their merged value).
+    calibrate_layernorm: re-solve LayerNorm / RMSNorm affines (else they keep their merged value).
+    cross_method: how the right-hand side sum_t (C_t / n_t) W_t^T is accumulated per module group:
+        "cross" forms the d_in x d_in cross moment C_t (as the reference does); "project" multiplies
+        the teacher input by W_t^T first, reusing the expert module's own output; "auto" picks the
+        one with fewer flops for each group and task. All three give the same result.
+    drift_examples: the report's feature drift at each block output, for the merged and the
+        calibrated model, is measured on the first `drift_examples` examples of each task's first
+        batch (None: the whole first batch; 0: no drift). The merged model's drift costs one
+        extra block forward on these examples.
+    progress: show progress bars.
+    """
+
+    lambda_ratio: float = 0.05
+    anchor_blend_rho: float = 2.2
+    teacher_interp_alpha: float = 0.25
+    covariance_eps: float = 1e-8
+    calibrate_bias: bool = True
+    calibrate_layernorm: bool = True
+    cross_method: str = "auto"
+    drift_examples: int | None = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cross_method not in CROSS_METHODS:
+            raise FeatCalError(f"cross_method={self.cross_method!r} is not one of {', '.join(CROSS_METHODS)}")
+        if self.covariance_eps < 0:
+            raise FeatCalError(f"covariance_eps must be >= 0, got {self.covariance_eps}")
+        if self.drift_examples is not None and self.drift_examples < 0:
+            raise FeatCalError(f"drift_examples must be >= 0 or None, got {self.drift_examples}")
+
+    @property
+    def ridge(self) -> float:
+        """`lam` clamped at 0, as the reference does."""
+        return max(float(self.lambda_ratio), 0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,107 @@
+"""Merging experts into one model: Task Arithmetic and TIES, on state dicts or modules.
+
+Task vectors tau_t = theta_t - theta_base, over floating-point tensors (others are copied
+from the base). Arithmetic runs in float32 (float64 for float64 tensors) and is cast back.
+
+- Task Arithmetic: theta = theta_base + scaling * sum_t tau_t.
+- TIES (Yadav et al., 2023): trim each tau_t to its `density` fraction of largest magnitudes
+  (over all its entries), elect per entry the sign of sum_t trimmed tau_t, average the trimmed
+  entries that agree with that sign: theta = theta_base + scaling * mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FeatCalError
+from .ops import accumulator_dtype
+
+StateLike = nn.Module | Mapping[str, Tensor]
+
+
+def task_arithmetic(base: StateLike, experts: Mapping[str, StateLike], scaling: float = 0.3):
+    """theta_base + scaling * sum_t (theta_t - theta_base); returns the base's type (module or dict)."""
+    base_sd, expert_sds = _state_dicts(base, experts)
+    merged = {}
+    for key, b in base_sd.items():
+        if not b.is_floating_point():
+            merged[key] = b.clone()
+            continue
+        acc = b.to(accumulator_dtype(b.dtype), copy=True)
+        for task, sd in expert_sds.items():
+            acc.add_(_task_vector(key, b, sd, task), alpha=scaling)
+        merged[key] = acc.to(b.dtype)
+    return _like(base, merged)
+
+
+def ties_merging(
+    base: StateLike,
+    experts: Mapping[str, StateLike],
+    scaling: float = 1.0,
+    density: float = 0.2,
+):
+    """TIES merging (trim to `density`, elect sign, disjoint mean); returns the base's type."""
+    if not 0 < density <= 1:
+        raise FeatCalError(f"density must be in (0, 1], got {density}")
+    base_sd, expert_sds = _state_dicts(base, experts)
+    keys = [k for k, v in base_sd.items() if v.is_floating_point()]
+    thresholds = {
+        task: _magnitude_threshold([_task_vector(k, base_sd[k], sd, task) for k in keys], density)
+        for task, sd in expert_sds.items()
+    }
+    merged = {k: v.clone() for k, v in base_sd.items() if not v.is_floating_point()}
+    for key in keys:
+        b = base_sd[key]
+        taus = torch.stack(
+            [_trim(_task_vector(key, b, sd, task), thresholds[task]) for task, sd in expert_sds.items()]
+        )
+        sign = taus.sum(0).sign()
+        agree = (taus.sign() == sign) & (taus != 0)
+        mean = (taus * agree).sum(0) / agree.sum(0).clamp_min(1)
+        merged[key] = (b.to(mean.dtype) + scaling * mean).to(b.dtype)
+    return _like(base, {k: merged[k] for k in base_sd})
+
+
+def _magnitude_threshold(taus: list[Tensor], density: float) -> float:
+    """The magnitude of the k-th largest entry over all tensors, k = ceil(density * count)."""
+    magnitudes = torch.cat([t.abs().flatten() for t in taus])
+    keep = max(1, math.ceil(density * magnitudes.numel()))
+    return float(torch.kthvalue(magnitudes, magnitudes.numel() - keep + 1).values)
+
+
+def _trim(tau: Tensor, threshold: float) -> Tensor:
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def _task_vector(key: str, base: Tensor, expert_sd: Mapping[str, Tensor], task: str) -> Tensor:
+    if key not in expert_sd:
+        raise FeatCalError(f"expert {task!r} has no tensor {key!r}, which the base model has")
+    value = expert_sd[key]
+    if value.shape != base.shape:
+        raise FeatCalError(
+            f"expert {task!r}: tensor {key!r} has shape {tuple(value.shape)} but "
+            f"{tuple(base.shape)} in the base model"
+        )
+    dtype = accumulator_dtype(base.dtype)
+    return value.to(device=base.device, dtype=dtype) - base.to(dtype)
+
+
+def _state_dicts(base: StateLike, experts: Mapping[str, StateLike]):
+    if not experts:
+        raise FeatCalError("no experts to merge")
+    as_sd = lambda m: m.state_dict() if isinstance(m, nn.Module) else m  # noqa: E731
+    return as_sd(base), {task: as_sd(m) for task, m in experts.items()}
+
+
+def _like(base: StateLike, state: dict[str, Tensor]):
+    """A copy of the base module holding `state`, or `state` itself when the base is a dict."""
+    if not isinstance(base, nn.Module):
+        return state
+    model = copy.deepcopy(base)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,259 @@
+"""The one door to the statistics and solve kernels.
+
+Everything above this module calls only these functions. Each has a pure PyTorch
+implementation here, which is the reference later kernels must match and the fallback
+when a native path cannot load.
+
+`FEATCAL_BACKEND` picks the implementation: `auto` (default: the fastest available),
+`torch` (the pure PyTorch reference everywhere) or `triton`.
+
+Accumulators are float32, or float64 when the inputs are float64, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from .errors import FeatCalError
+
+log = logging.getLogger("featcal")
+
+BACKENDS = ("auto", "torch", "triton")
+OPS = ("weighted_gram", "weighted_cross", "weighted_sum", "norm_moments", "ridge_solve")
+
+# Tile of the lower-triangle Gram: (1 + d / GRAM_TILE) / 2 tiles of d / GRAM_TILE per row,
+# about 55% of the full product's flops for large d.
+GRAM_TILE = 256
+# Relative diagonal jitter tried, in order, when a Cholesky factorisation fails.
+JITTER_STEPS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+
+
+def requested_backend() -> str:
+    """The backend named by FEATCAL_BACKEND (default `auto`)."""
+    value = os.environ.get("FEATCAL_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise FeatCalError(f"FEATCAL_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    if value == "triton":
+        raise FeatCalError(
+            "FEATCAL_BACKEND=triton: this build of featcal has no Triton kernels yet; "
+            "use FEATCAL_BACKEND=auto or torch"
+        )
+    return value
+
+
+def backend_info() -> dict[str, dict[str, str]]:
+    """Which implementation serves each op on each device, e.g. {"ridge_solve": {"cpu": "torch"}}."""
+    requested_backend()
+    return {op: {"cpu": "torch", "cuda": "torch"} for op in OPS}
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weighted_gram(
+    x: Tensor, w: Tensor | None = None, out: Tensor | None = None, *, lower_only: bool = False
+) -> Tensor:
+    """out += x^T diag(w) x for x of shape (n, d); returns out (d, d).
+
+    With `lower_only`, only the GRAM_TILE-square tiles on and below the diagonal are
+    accumulated (the rest of `out` is left as it was); call `complete_gram(out)` once when
+    accumulation is complete.
+    """
+    x = _matrix(x, "x")
+    d = x.shape[1]
+    out = _accumulator(out, (d, d), x)
+    xa = x.to(out.dtype)
+    xw = _apply_weights(xa, w)
+    if not lower_only or d < 2 * GRAM_TILE:
+        out.addmm_(xw.mT, xa)
+        return out
+    for start in range(0, d, GRAM_TILE):
+        stop = min(start + GRAM_TILE, d)
+        out[start:stop, :stop].addmm_(xw[:, start:stop].mT, xa[:, :stop])
+    return out
+
+
+def complete_gram(g: Tensor) -> Tensor:
+    """Fill the upper tiles of a Gram accumulated with `lower_only` from the lower ones; returns g."""
+    d = g.shape[-1]
+    if d < 2 * GRAM_TILE:
+        return g
+    for row in range(GRAM_TILE, d, GRAM_TILE):
+        for col in range(0, row, GRAM_TILE):
+            g[col : col + GRAM_TILE, row : row + GRAM_TILE].copy_(
+                g[row : row + GRAM_TILE, col : col + GRAM_TILE].mT
+            )
+    return g
+
+
+def weighted_cross(x: Tensor, y: Tensor, w: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """out += x^T diag(w) y for x (n, dx) and y (n, dy); returns out (dx, dy)."""
+    x = _matrix(x, "x")
+    y = _matrix(y, "y")
+    if y.shape[0] != x.shape[0]:
+        raise FeatCalError(f"weighted_cross: x has {x.shape[0]} rows but y has {y.shape[0]}")
+    out = _accumulator(out, (x.shape[1], y.shape[1]), x)
+    xw = _apply_weights(x.to(out.dtype), w)
+    return out.addmm_(xw.mT, y.to(out.dtype))
+
+
+def weighted_sum(x: Tensor, w: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """out += sum_n w_n x_n for x (n, d); returns out (d,)."""
+    x = _matrix(x, "x")
+    out = _accumulator(out, (x.shape[1],), x)
+    xa = x.to(out.dtype)
+    if w is None:
+        return out.add_(xa.sum(0))
+    return out.addmv_(xa.mT, _weights(w, x.shape[0], out.dtype))
+
+
+def norm_moments(
+    x: Tensor,
+    w: Tensor | None = None,
+    *,
+    rms: bool = False,
+    eps: float = 1e-5,
+    out_sum: Tensor | None = None,
+    out_sq: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weighted first and second moments of the normalised tokens, without affine.
+
+    z = layer_norm(x) (or x / rms(x) when `rms`); out_sum += sum_n w_n z_n and
+    out_sq += sum_n w_n z_n^2, each of shape (d,). Returns (out_sum, out_sq).
+    """
+    x = _matrix(x, "x")
+    d = x.shape[1]
+    out_sum = _accumulator(out_sum, (d,), x)
+    out_sq = _accumulator(out_sq, (d,), x)
+    xa = x.to(out_sum.dtype)
+    if rms:
+        z = torch.nn.functional.rms_norm(xa, (d,), eps=eps)
+    else:
+        z = torch.nn.functional.layer_norm(xa, (d,), eps=eps)
+    weighted_sum(z, w, out_sum)
+    weighted_sum(z.square_(), w, out_sq)
+    return out_sum, out_sq
+
+
+def ridge_solve(A: Tensor, B: Tensor, ridge: float = 0.0) -> Tensor:
+    """Solve (A + ridge I) X = B for symmetric positive definite A.
+
+    A: (..., d, d); B: (..., d, m) or (..., d); leading dimensions are a batch. Works in
+    float64 if either input is float64, else float32, and returns that dtype.
+    Cholesky first; a system whose factorisation fails is retried with diagonal jitter
+    growing from 1e-10 to 1e-2 of its mean diagonal, then solved by an eigendecomposition
+    pseudo-inverse. Each fallback is logged at WARNING.
+    """
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise FeatCalError(f"ridge_solve: A must be square (..., d, d), got shape {tuple(A.shape)}")
+    vector = B.dim() == A.dim() - 1
+    if not vector and B.dim() != A.dim():
+        raise FeatCalError(
+            f"ridge_solve: B of shape {tuple(B.shape)} does not fit A of shape {tuple(A.shape)}"
+        )
+    if B.shape[: A.dim() - 2] != A.shape[:-2] or B.shape[A.dim() - 2] != A.shape[-1]:
+        raise FeatCalError(
+            f"ridge_solve: B of shape {tuple(B.shape)} does not fit A of shape {tuple(A.shape)}"
+        )
+    for name, t in (("A", A), ("B", B)):
+        if not t.is_floating_point():
+            raise FeatCalError(f"ridge_solve: {name} must be floating point, got {t.dtype}")
+    dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
+    if not all_finite(A):
+        raise FeatCalError(f"ridge_solve: A of shape {tuple(A.shape)} contains NaN or Inf")
+    d = A.shape[-1]
+    M = A.to(dtype=dtype, copy=True).reshape(-1, d, d)
+    if ridge:
+        M.diagonal(dim1=-2, dim2=-1).add_(ridge)
+    rhs = (B.unsqueeze(-1) if vector else B).to(dtype).reshape(M.shape[0], d, -1)
+
+    L, info = torch.linalg.cholesky_ex(M)
+    factored = info == 0
+    if not factored.all():
+        L, factored = _jitter_cholesky(M, L, factored)
+    if factored.all():
+        return torch.cholesky_solve(rhs, L).reshape(B.shape)
+    X = torch.cholesky_solve(rhs, torch.where(factored[:, None, None], L, 0.0))
+    log.warning(
+        "ridge_solve: %d of %d systems (d=%d) still fail with jitter; "
+        "solving them by eigendecomposition pseudo-inverse",
+        int((~factored).sum()),
+        factored.numel(),
+        d,
+    )
+    X[~factored] = _eigen_pinv_solve(M[~factored], rhs[~factored])
+    return X.reshape(B.shape)
+
+
+def _jitter_cholesky(M: Tensor, L: Tensor, factored: Tensor) -> tuple[Tensor, Tensor]:
+    """Retry the unfactored systems of M (b, d, d) with growing jitter; (L, factored) after."""
+    L, factored = L.clone(), factored.clone()
+    todo = (~factored).nonzero().flatten()
+    scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(M.dtype).tiny)
+    for rel in JITTER_STEPS:
+        log.warning(
+            "ridge_solve: Cholesky failed for %d of %d systems (d=%d); retrying with diagonal "
+            "jitter %.0e x mean diagonal",
+            todo.numel(),
+            M.shape[0],
+            M.shape[-1],
+            rel,
+        )
+        trial = M[todo]
+        trial.diagonal(dim1=-2, dim2=-1).add_((rel * scale[todo]).unsqueeze(-1))
+        Lt, info = torch.linalg.cholesky_ex(trial)
+        ok = info == 0
+        L[todo[ok]] = Lt[ok]
+        factored[todo[ok]] = True
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+    return L, factored
+
+
+def _eigen_pinv_solve(M: Tensor, rhs: Tensor) -> Tensor:
+    """X = pinv(M) rhs for symmetric M, dropping eigenvalues below d * eps * max|eigenvalue|."""
+    evals, evecs = torch.linalg.eigh(M)
+    tol = evals.abs().amax(-1, keepdim=True) * M.shape[-1] * torch.finfo(M.dtype).eps
+    inv = torch.where(evals.abs() > tol, 1.0 / evals, torch.zeros_like(evals))
+    return evecs @ (inv.unsqueeze(-1) * (evecs.mT @ rhs))
+
+
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in t. A NaN or Inf makes the sum non-finite; only then is each entry checked
+    (the sum of finite entries can overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _matrix(x: Tensor, name: str) -> Tensor:
+    if x.dim() != 2:
+        raise FeatCalError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise FeatCalError(f"{name} must be floating point, got {x.dtype}")
+    return x
+
+
+def _accumulator(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tensor:
+    if out is None:
+        return torch.zeros(shape, dtype=accumulator_dtype(x.dtype), device=x.device)
+    if tuple(out.shape) != shape:
+        raise FeatCalError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    if out.dtype not in (torch.float32, torch.float64):
+        raise FeatCalError(f"out must be float32 or float64, got {out.dtype}")
+    return out
+
+
+def _weights(w: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    if w.dim() != 1 or w.shape[0] != n:
+        raise FeatCalError(f"w must have shape ({n},), got {tuple(w.shape)}")
+    return w.to(dtype)
+
+
+def _apply_weights(x: Tensor, w: Tensor | None) -> Tensor:
+    return x if w is None else x * _weights(w, x.shape[0], x.dtype).unsqueeze(1)

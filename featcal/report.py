@@ -1,0 +1,94 @@
+"""What a calibration run reports: feature drift per block before and after, time, peak memory.
+
+The drift of a block for task t is ||S_t - E_t|| / ||E_t|| over the (non-padding) tokens of
+its output, S_t the student's and E_t expert t's hidden states; a block's value is the mean
+over tasks. `drift_merged` is the merged model as given, `drift_calibrated` after FeatCal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    drift_merged: float | None = None
+    drift_calibrated: float | None = None
+    drift_merged_per_task: dict[str, float] = field(default_factory=dict)
+    drift_calibrated_per_task: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationReport:
+    blocks: list[BlockReport]
+    tasks: dict[str, dict[str, int]]
+    wall_seconds: float
+    device: str
+    peak_cpu_rss_bytes: int | None
+    peak_cuda_bytes: int | None
+    config: dict
+    backend: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str | Path) -> None:
+        """Write the report as JSON, under a temporary name first so no partial file is left."""
+        write_json_atomic(path, self.to_dict())
+
+    def summary(self) -> str:
+        """A short human-readable table: drift per block, then time and memory."""
+        lines = ["block  drift merged  drift calibrated"]
+        for b in self.blocks:
+            lines.append(f"{b.index:5d}  {_fmt(b.drift_merged):>12}  {_fmt(b.drift_calibrated):>16}")
+        tokens = sum(t["tokens"] for t in self.tasks.values())
+        lines.append(
+            f"{len(self.tasks)} tasks, {tokens} tokens, {len(self.blocks)} blocks on {self.device} "
+            f"in {self.wall_seconds:.1f} s"
+        )
+        memory = []
+        if self.peak_cpu_rss_bytes is not None:
+            memory.append(f"peak RSS {self.peak_cpu_rss_bytes / 2**30:.2f} GiB")
+        if self.peak_cuda_bytes is not None:
+            memory.append(f"peak GPU memory {self.peak_cuda_bytes / 2**30:.2f} GiB")
+        if memory:
+            lines.append(", ".join(memory))
+        for warning in self.warnings:
+            lines.append(f"warning: {warning}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def peak_cpu_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (None where the platform cannot say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """json.dump to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,165 @@
+"""The closed-form updates of a block (featcal-math.md s.4), folded task by task.
+
+With n_t = max(||G_t||_F, eps), s_t = 1 / n_t and anchor(p) = rho * M0[p] + (1 - rho) * base[p]:
+
+    A = sum_t s_t G_t + (lam + eps) I
+    B = sum_t s_t C_t W_t^T + lam anchor(W)^T                 W* = (A^{-1} B)^T
+    b* = (sum_t s_t (b_t + W_t mu_t) - W* sum_t s_t mu_s + lam anchor(b)) / (sum_t s_t + lam)
+
+Members of a group share A and are solved together with concatenated right-hand sides.
+LayerNorm affine: the per-channel 2x2 system of s.4; weight-only norms (RMSNorm, LayerNorm
+without bias): g* = (sum_t e_t g_t + lam g_a) / (sum_t e_t + lam).
+Only one task's statistics are alive at a time: `add` folds them into these sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import FeatCalConfig
+from .errors import FeatCalError
+from .modules import LINEAR, ModuleRef
+from .statistics import BlockPlan, LinearMoments, NormMoments
+
+
+class BlockSystem:
+    """Sums over tasks of the statistics of one block, and their solution."""
+
+    def __init__(
+        self, plan: BlockPlan, config: FeatCalConfig, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.plan, self.config, self.dtype, self.device = plan, config, dtype, device
+        self.tasks = 0
+        self.sums: list[dict] = []
+        for group in plan.groups:
+            d = group.d_in
+            zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+            if group.kind == LINEAR:
+                self.sums.append(
+                    {
+                        "A": zeros(d, d),
+                        "B": [zeros(d, m.d_out) for m in group.members],
+                        "R": [zeros(m.d_out) for m in group.members],
+                        "V": zeros(d),
+                        "s": zeros(),
+                    }
+                )
+            else:
+                self.sums.append(
+                    {
+                        "energy": zeros(d),
+                        "mean": zeros(d),
+                        "r1": [zeros(d) for _ in group.members],
+                        "r2": [zeros(d) for _ in group.members],
+                    }
+                )
+
+    def add(self, moments: list[LinearMoments | NormMoments], expert: dict[str, ModuleRef]) -> None:
+        """Fold one task's statistics, with that task's expert parameters."""
+        self.tasks += 1
+        eps = self.config.covariance_eps
+        for sums, mom in zip(self.sums, moments):
+            members = mom.group.members
+            if isinstance(mom, NormMoments):
+                sums["energy"] += mom.energy
+                sums["mean"] += mom.mean
+                for k, m in enumerate(members):
+                    g, c = self._params(expert[m.name])
+                    sums["r1"][k] += mom.energy * g
+                    sums["r2"][k] += mom.mean * g
+                    if c is not None:
+                        sums["r1"][k] += mom.mean * c
+                        sums["r2"][k] += c
+                continue
+            norm = max(float(torch.linalg.matrix_norm(mom.gram)), eps)
+            if norm == 0:
+                raise FeatCalError(
+                    f"the inputs of module(s) {mom.group.names} are all zero for a task; "
+                    "set covariance_eps > 0 to solve this block"
+                )
+            scale = 1.0 / norm
+            sums["A"].add_(mom.gram, alpha=scale)
+            sums["V"].add_(mom.mean_student, alpha=scale)
+            sums["s"] += scale
+            for k, m in enumerate(members):
+                sums["B"][k].add_(mom.rhs[k], alpha=scale)
+                _, b = self._params(expert[m.name])
+                teacher = mom.teacher_out[k] if b is None else mom.teacher_out[k] + b
+                sums["R"][k].add_(teacher, alpha=scale)
+
+    def solve(
+        self, merged: dict[str, ModuleRef], base: dict[str, ModuleRef] | None
+    ) -> list[tuple[ModuleRef, str, Tensor]]:
+        """New (module, 'weight' | 'bias', value) of every calibrated parameter of the merged block.
+
+        The anchor is taken from the merged block as it is now (before any update) and the base.
+        """
+        cfg = self.config
+        lam, eps = cfg.ridge, cfg.covariance_eps
+        updates = []
+        for group, sums in zip(self.plan.groups, self.sums):
+            refs = [merged[m.name] for m in group.members]
+            bases = [base[m.name] if base is not None else None for m in group.members]
+            if group.kind == LINEAR:
+                updates += self._solve_linear(sums, refs, bases, lam, eps)
+            elif cfg.calibrate_layernorm:
+                updates += self._solve_norm(sums, refs, bases, lam, eps)
+        return updates
+
+    def _solve_linear(self, sums, refs, bases, lam, eps):
+        anchors = [self._anchor(ref, b, "weight") for ref, b in zip(refs, bases)]
+        rhs = torch.cat([B if a is None else B + lam * a.mT for B, a in zip(sums["B"], anchors)], dim=1)
+        X = ops.ridge_solve(sums["A"], rhs, lam + (eps if eps > 0 else 0.0))
+        updates, start = [], 0
+        for k, ref in enumerate(refs):
+            W = X[:, start : start + ref.d_out].mT
+            start += ref.d_out
+            updates.append((ref, "weight", W))
+            if not self.config.calibrate_bias or ref.bias() is None:
+                continue
+            num = sums["R"][k] - W @ sums["V"]
+            den = sums["s"].clone()
+            anchor = self._anchor(ref, bases[k], "bias")
+            if anchor is not None:
+                num += lam * anchor
+                den += lam
+            updates.append((ref, "bias", num / den.clamp_min(torch.finfo(self.dtype).eps)))
+        return updates
+
+    def _solve_norm(self, sums, refs, bases, lam, eps):
+        updates = []
+        for k, ref in enumerate(refs):
+            g_anchor = self._anchor(ref, bases[k], "weight")
+            c_anchor = self._anchor(ref, bases[k], "bias")
+            lam_g = lam if g_anchor is not None else 0.0
+            r1 = sums["r1"][k] + (lam * g_anchor if g_anchor is not None else 0.0)
+            if ref.bias() is None:
+                den = (sums["energy"] + lam_g).clamp_min(torch.finfo(self.dtype).eps)
+                updates.append((ref, "weight", r1 / den))
+                continue
+            lam_c = lam if c_anchor is not None else 0.0
+            r2 = sums["r2"][k] + (lam * c_anchor if c_anchor is not None else 0.0)
+            a11, a12, a22 = sums["energy"] + lam_g, sums["mean"], self.tasks + lam_c
+            det = (a11 * a22 - a12.square()).clamp_min(eps)
+            updates.append((ref, "weight", (a22 * r1 - a12 * r2) / det))
+            updates.append((ref, "bias", (a11 * r2 - a12 * r1) / det))
+        return updates
+
+    def _anchor(self, ref: ModuleRef, base: ModuleRef | None, which: str) -> Tensor | None:
+        """rho * merged + (1 - rho) * base for the module's weight (d_out, d_in) or bias."""
+        if base is None:
+            return None
+        merged_p, base_p = (ref.weight(), base.weight()) if which == "weight" else (ref.bias(), base.bias())
+        if merged_p is None or base_p is None:
+            return None
+        rho = self.config.anchor_blend_rho
+        return rho * self._cast(merged_p) + (1 - rho) * self._cast(base_p)
+
+    def _params(self, ref: ModuleRef) -> tuple[Tensor, Tensor | None]:
+        b = ref.bias()
+        return self._cast(ref.weight()), None if b is None else self._cast(b)
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(device=self.device, dtype=self.dtype)

@@ -1,0 +1,185 @@
+"""The featcal command end to end on tiny checkpoints saved to disk."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import CLIP_VISION, make_data, make_experts
+from transformers import CLIPVisionModel
+
+from featcal import FeatCalConfig, calibrate, task_arithmetic, ties_merging
+from featcal.cli import main
+from featcal.data import save_calibration_file
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory):
+    """base/, expert dirs, data files, and the in-memory models they hold."""
+    root = tmp_path_factory.mktemp("ckpt")
+    base = CLIP_VISION.build(0)
+    experts = make_experts(base, 2)
+    base.save_pretrained(root / "base")
+    (root / "base" / "preprocessor_config.json").write_text('{"size": 32}')
+    for task, expert in experts.items():
+        expert.save_pretrained(root / task)
+    data = make_data(CLIP_VISION, list(experts), batches=2, size=4)
+    for task, batches in data.items():
+        save_calibration_file(
+            root / f"{task}.safetensors", {"pixel_values": torch.cat([b["pixel_values"] for b in batches])}
+        )
+    return root, base, experts, data
+
+
+def _expert_args(root, experts):
+    return [f"{t}={root / t}" for t in experts]
+
+
+def _weights(path):
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["ta", "ties"])
+def test_merge_matches_python(disk, tmp_path, method):
+    root, base, experts, _ = disk
+    out = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                str(root / "base"),
+                "--out",
+                str(out),
+                "--experts",
+                *_expert_args(root, experts),
+            ]
+        )
+        == 0
+    )
+    want = task_arithmetic(base, experts, 0.3) if method == "ta" else ties_merging(base, experts)
+    got = _weights(out)
+    for key, value in want.state_dict().items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+    assert (out / "config.json").is_file() and (out / "preprocessor_config.json").is_file()
+
+
+def test_calibrate_writes_checkpoint_and_report(disk, tmp_path, capsys):
+    root, base, experts, data = disk
+    merged_dir = tmp_path / "merged"
+    task_arithmetic(base, experts, 0.3).save_pretrained(merged_dir)
+    out = tmp_path / "out"
+    args = [
+        "calibrate",
+        "--base",
+        str(root / "base"),
+        "--merged",
+        str(merged_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
+    args += [
+        "--experts",
+        *_expert_args(root, experts),
+        "--data",
+        *[f"{t}={root / t}.safetensors" for t in experts],
+    ]
+    assert main(args + ["--report", str(tmp_path / "extra.json")]) == 0
+    printed = capsys.readouterr()
+    assert "drift merged" in printed.out and f"wrote {out}" in printed.out
+    assert "featcal: blocks" not in printed.err  # --quiet: no progress bars
+
+    report = json.loads((out / "featcal_report.json").read_text())
+    assert len(report["blocks"]) == 3 and report["wall_seconds"] > 0 and report["peak_cpu_rss_bytes"] > 0
+    assert json.loads((tmp_path / "extra.json").read_text())["blocks"] == report["blocks"]
+
+    merged = CLIPVisionModel.from_pretrained(merged_dir)
+    calibrate(merged, base=base, experts=experts, data=data, config=FeatCalConfig(progress=False))
+    saved = CLIPVisionModel.from_pretrained(out)
+    for (name, want), got in zip(merged.state_dict().items(), saved.state_dict().values()):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, name  # same run, up to BLAS rounding
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def _calibrate_args(root, experts, merged, out, data=None):
+    data = data or {t: root / f"{t}.safetensors" for t in experts}
+    args = ["calibrate", "--base", str(root / "base"), "--merged", str(merged), "--out", str(out), "--quiet"]
+    return args + [
+        "--experts",
+        *_expert_args(root, experts),
+        "--data",
+        *[f"{t}={p}" for t, p in data.items()],
+    ]
+
+
+def test_existing_output_is_refused_unless_overwrite(disk, tmp_path, capsys):
+    root, base, experts, _ = disk
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = _calibrate_args(root, experts, root / "base", out)
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_bad_paths_and_tasks_are_named(disk, tmp_path, capsys):
+    root, base, experts, _ = disk
+    out = tmp_path / "out"
+    assert main(_calibrate_args(root, experts, tmp_path / "nowhere", out)) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert (
+        main(
+            _calibrate_args(
+                root,
+                experts,
+                root / "base",
+                out,
+                data={"task0": tmp_path / "x.safetensors", "task1": root / "task1.safetensors"},
+            )
+        )
+        == 2
+    )
+    assert "no such data file" in capsys.readouterr().err
+    assert (
+        main(_calibrate_args(root, experts, root / "base", out, data={"task0": root / "task0.safetensors"}))
+        == 2
+    )
+    assert "tasks ['task1'] have an expert but no calibration data" in capsys.readouterr().err
+    assert main(["merge", "--base", str(root / "base"), "--out", str(out), "--experts", "task0"]) == 2
+    assert "task=VALUE" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_run_leaves_no_output(disk, tmp_path, capsys):
+    root, base, experts, data = disk
+    poisoned = copy.deepcopy(data["task1"])
+    poisoned[0]["pixel_values"][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_calibration_file(bad, {"pixel_values": torch.cat([b["pixel_values"] for b in poisoned])})
+    out = tmp_path / "out"
+    code = main(
+        _calibrate_args(
+            root, experts, root / "base", out, data={"task0": root / "task0.safetensors", "task1": bad}
+        )
+    )
+    assert code == 2
+    assert "NaN or Inf" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "featcal", "calibrate", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--lambda-ratio" in proc.stdout

@@ -1,0 +1,199 @@
+"""Tiny randomly initialised models of each supported family, with experts and calibration data."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    RobertaConfig,
+    RobertaModel,
+    ViTConfig,
+    ViTModel,
+)
+
+HIDDEN, HEADS, MLP = 32, 4, 64
+
+
+@dataclass
+class Family:
+    """How the tests build, run and read a tiny model of one family (independently of featcal)."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    blocks: Callable[[nn.Module], nn.ModuleList]
+    backbone: Callable[[nn.Module], nn.Module]
+    make_batch: Callable[[torch.Generator, int], dict]
+    class_focus: bool = False
+
+
+def _vision_batch(gen: torch.Generator, size: int) -> dict:
+    return {"pixel_values": torch.randn(size, 3, 32, 32, generator=gen)}
+
+
+def _text_batch(gen: torch.Generator, size: int, length: int = 12, pad_to: int | None = None) -> dict:
+    ids = torch.randint(5, 100, (size, length), generator=gen)
+    lengths = torch.randint(4, length + 1, (size,), generator=gen)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask + (1 - mask)  # token 1 as padding
+    if pad_to is not None and pad_to > length:
+        extra = pad_to - length
+        ids = torch.cat([ids, torch.ones(size, extra, dtype=ids.dtype)], dim=1)
+        mask = torch.cat([mask, torch.zeros(size, extra, dtype=mask.dtype)], dim=1)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _clip_vision_config(layers: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        image_size=32,
+        patch_size=8,
+    )
+
+
+def _seeded(fn):
+    """A builder that seeds, builds, and gives LayerNorm affines and Linear biases random values
+    (HF initialises them to 1 and 0, which would make their calibration trivial)."""
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = fn().eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
+                    module.bias.copy_(0.2 * torch.randn_like(module.bias))
+                elif isinstance(module, nn.Linear) and module.bias is not None:
+                    module.bias.copy_(0.02 * torch.randn_like(module.bias))
+        return model
+
+    return build
+
+
+CLIP_VISION = Family(
+    "clip-vision",
+    _seeded(lambda: CLIPVisionModel(_clip_vision_config(3))),
+    blocks=lambda m: m.encoder.layers,
+    backbone=lambda m: m,
+    make_batch=_vision_batch,
+    class_focus=True,
+)
+
+CLIP_FULL = Family(
+    "clip-model",
+    _seeded(
+        lambda: CLIPModel(
+            CLIPConfig(
+                text_config=dict(
+                    hidden_size=HIDDEN,
+                    intermediate_size=MLP,
+                    num_hidden_layers=1,
+                    num_attention_heads=HEADS,
+                    vocab_size=100,
+                ),
+                vision_config=_clip_vision_config(2).to_dict(),
+                projection_dim=16,
+            )
+        )
+    ),
+    blocks=lambda m: m.vision_model.encoder.layers,
+    backbone=lambda m: m.vision_model,
+    make_batch=_vision_batch,
+    class_focus=True,
+)
+
+VIT = Family(
+    "vit",
+    _seeded(
+        lambda: ViTModel(
+            ViTConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=MLP,
+                num_hidden_layers=2,
+                num_attention_heads=HEADS,
+                image_size=32,
+                patch_size=8,
+            )
+        )
+    ),
+    blocks=lambda m: m.layers if hasattr(m, "layers") else m.encoder.layer,
+    backbone=lambda m: m,
+    make_batch=_vision_batch,
+)
+
+_TEXT = dict(
+    vocab_size=100,
+    hidden_size=HIDDEN,
+    intermediate_size=MLP,
+    num_hidden_layers=2,
+    num_attention_heads=HEADS,
+    max_position_embeddings=64,
+    pad_token_id=1,
+)
+
+BERT = Family(
+    "bert",
+    _seeded(lambda: BertModel(BertConfig(**_TEXT), add_pooling_layer=False)),
+    blocks=lambda m: m.encoder.layer,
+    backbone=lambda m: m,
+    make_batch=_text_batch,
+)
+
+ROBERTA = Family(
+    "roberta",
+    _seeded(lambda: RobertaModel(RobertaConfig(**_TEXT), add_pooling_layer=False)),
+    blocks=lambda m: m.encoder.layer,
+    backbone=lambda m: m,
+    make_batch=_text_batch,
+)
+
+FAMILIES = [CLIP_VISION, CLIP_FULL, VIT, BERT, ROBERTA]
+
+
+def make_experts(base: nn.Module, tasks: int, rel: float = 0.05, seed: int = 1) -> dict:
+    """Experts = base + Gaussian deltas of `rel` times each floating tensor's std."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = {}
+    for t in range(tasks):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in expert.parameters():
+                if p.numel() > 1:
+                    p.add_(rel * p.std() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        experts[f"task{t}"] = expert
+    return experts
+
+
+def make_data(family: Family, tasks, batches: int = 2, size: int = 4, seed: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {t: [family.make_batch(gen, size) for _ in range(batches)] for t in tasks}
+
+
+def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 0.3):
+    """(base, experts, merged, data) for a family, in `dtype`; merged by Task Arithmetic."""
+    base = family.build(0).to(dtype)
+    experts = make_experts(base, tasks)
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            delta = sum(dict(e.named_parameters())[name] - p for e in experts.values())
+            p.add_(scaling * delta)
+    return base, experts, merged, make_data(family, list(experts))
+
+
+def features(family: Family, model: nn.Module, batches) -> torch.Tensor:
+    """Final hidden states of the backbone on `batches` (concatenated over batches)."""
+    with torch.no_grad():
+        return torch.cat([family.backbone(model)(**b).last_hidden_state for b in batches])
