@@ -70,17 +70,16 @@ def build_case(layers: int = 12):
     return base, experts, merged, images, eval_images
 
 
-def run_featcal(case) -> float:
+def run_featcal(case, drift_examples: int) -> float:
     import featcal
 
     base, experts, merged, images, _ = case
+    config = featcal.FeatCalConfig(progress=False, drift_examples=drift_examples)
     data = {
         t: [{"pixel_values": x[i : i + BATCH]} for i in range(0, IMAGES, BATCH)] for t, x in images.items()
     }
     start = time.perf_counter()
-    featcal.calibrate(
-        merged, base=base, experts=experts, data=data, config=featcal.FeatCalConfig(progress=False)
-    )
+    featcal.calibrate(merged, base=base, experts=experts, data=data, config=config)
     return time.perf_counter() - start
 
 
@@ -123,14 +122,14 @@ def run_reference(case, src: str) -> float:
     return time.perf_counter() - start
 
 
-def child(which: str, out: str, src: str | None, layers: int) -> None:
+def child(which: str, out: str, src: str | None, layers: int, drift_examples: int) -> None:
     """Build the case, run one implementation, save its weights and final features."""
     import resource
 
     from safetensors.torch import save_file
 
     case = build_case(layers)
-    seconds = run_featcal(case) if which == "featcal" else run_reference(case, src)
+    seconds = run_featcal(case, drift_examples) if which == "featcal" else run_reference(case, src)
     merged, eval_images = case[2], case[4]
     with torch.no_grad():
         feats = merged(pixel_values=eval_images).last_hidden_state
@@ -164,11 +163,14 @@ def main() -> None:
     parser.add_argument("--reference", help="src/ folder of a checkout of github.com/egangu/featcal")
     parser.add_argument("--layers", type=int, default=12, help="blocks (12 for the standard case)")
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument(
+        "--drift-examples", type=int, default=8, help="featcal's drift_examples (default 8, as FeatCalConfig)"
+    )
     parser.add_argument("--child", choices=["featcal", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.out, args.reference, args.layers)
+        child(args.child, args.out, args.reference, args.layers, args.drift_examples)
         return
 
     runs = ["featcal"] + (["reference"] if args.reference else [])
@@ -177,6 +179,7 @@ def main() -> None:
         for which in runs:
             out = os.path.join(tmp, f"{which}.safetensors")
             cmd = [sys.executable, __file__, "--child", which, "--out", out, "--layers", str(args.layers)]
+            cmd += ["--drift-examples", str(args.drift_examples)]
             if args.reference:
                 cmd += ["--reference", args.reference]
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -187,6 +190,7 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "featcal_config": {"drift_examples": args.drift_examples},
             "runs": {
                 k: {"seconds": v["seconds"], "peak_rss_gib": v["peak_rss_bytes"] / 2**30}
                 for k, v in results.items()

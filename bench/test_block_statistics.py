@@ -1,0 +1,123 @@
+"""One task's statistics pass over one CLIP ViT-B/32 block: the reference's formulation against
+featcal's, on the same inputs (1,600 tokens: 32 images of 50 tokens, two batches of 16).
+
+Both run the expert block and the merged block on the task's two batches and produce, per
+calibrated Linear, the Gram G_t and the right-hand side C_t W_t^T, and per LayerNorm the
+moments of z. The reference formulation keeps every module input of a batch, makes a weighted
+copy of x_s and of the teacher input x_t, and takes a full Gram and a full d_in x d_in cross
+product per module (q, k and v included) before multiplying by W_t^T; featcal shares one
+lower-triangle Gram per input, projects fc2's teacher input through W_t^T, and stops the merged
+forward after fc2's input. Each test checks the results agree before timing.
+
+    pytest bench/ --benchmark-only
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from featcal.adapters import CLIP_VISION
+from featcal.capture import BlockContext, Streams
+from featcal.config import FeatCalConfig
+from featcal.modules import calibrated_modules
+from featcal.statistics import LinearMoments
+from featcal.statistics_pass import discover_block, statistics_pass
+
+ALPHA = 0.25
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12
+    )
+    merged = CLIPVisionModel(config).eval().encoder.layers[0]
+    expert = copy.deepcopy(merged)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    streams = Streams()
+    for _ in range(2):
+        h = torch.randn(16, 50, 768)
+        streams.student.append(h)
+        streams.expert.append(h + 0.1 * torch.randn_like(h))
+        for ctx in (streams.student_ctx, streams.expert_ctx):
+            ctx.append(BlockContext(args=(None,), kwargs={}, hidden_as_kwarg=False))
+        streams.weights.append(None)
+    return merged, expert, streams
+
+
+@torch.no_grad()
+def reference_formulation(merged, expert, streams):
+    """Per module: weighted copies, full Gram and cross of the cached inputs, then C W^T."""
+    targets_s, targets_e = calibrated_modules(merged), calibrated_modules(expert)
+    acc = {}
+    for i, hidden in enumerate(streams.student):
+        cache_s, cache_e, handles = {}, {}, []
+        for name in targets_s:
+            handles.append(targets_s[name].module.register_forward_pre_hook(_keep(cache_s, name)))
+            handles.append(targets_e[name].module.register_forward_pre_hook(_keep(cache_e, name)))
+        merged(hidden, None)
+        expert(streams.expert[i], None)
+        for h in handles:
+            h.remove()
+        for name, ref in targets_s.items():
+            xs = cache_s[name].reshape(-1, cache_s[name].shape[-1])
+            w = torch.ones(xs.shape[0], 1)
+            a = acc.setdefault(name, {})
+            if isinstance(ref.module, nn.Linear):
+                xe = cache_e[name].reshape(-1, xs.shape[-1])
+                xt = ALPHA * xe + (1 - ALPHA) * xs
+                for key, value in (("G", xs.T @ (xs * w)), ("C", xs.T @ (xt * w)), ("n", w.sum())):
+                    a[key] = a.get(key, 0) + value
+            else:
+                z = torch.nn.functional.layer_norm(xs, ref.module.normalized_shape, eps=ref.module.eps)
+                for key, value in (("m", (z * w).sum(0)), ("e", (z.square() * w).sum(0)), ("n", w.sum())):
+                    a[key] = a.get(key, 0) + value
+    out = {}
+    for name, a in acc.items():
+        if "G" in a:
+            out[name] = (a["G"] / a["n"], (a["C"] / a["n"]) @ targets_e[name].weight().T)
+    return out
+
+
+def _keep(cache, name):
+    return lambda module, args: cache.__setitem__(name, args[0])
+
+
+@torch.no_grad()
+def featcal_formulation(merged, expert, streams):
+    mods = calibrated_modules(merged)
+    plan, *first = discover_block(CLIP_VISION, 0, 2, mods, expert, streams)
+    moments, _ = statistics_pass(
+        CLIP_VISION, plan, merged, expert, streams, config=FeatCalConfig(), dtype=torch.float32,
+        device=torch.device("cpu"), task="t", index=0, first=tuple(first),
+    )  # fmt: skip
+    out = {}
+    for mom in moments:
+        if isinstance(mom, LinearMoments):
+            for k, member in enumerate(mom.group.members):
+                out[member.name] = (mom.gram, mom.rhs[k])
+    return out
+
+
+def _check_agree(case):
+    want, got = reference_formulation(*case), featcal_formulation(*case)
+    assert want.keys() == got.keys()
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+
+
+def test_reference_formulation(benchmark, case):
+    _check_agree(case)
+    benchmark.pedantic(reference_formulation, args=case, rounds=3, iterations=1)
+
+
+def test_featcal_formulation(benchmark, case):
+    _check_agree(case)
+    benchmark.pedantic(featcal_formulation, args=case, rounds=3, iterations=1)
