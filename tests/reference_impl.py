@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import Family
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
 
 
 def _first_block_inputs(family: Family, model: nn.Module, batch: dict):
@@ -34,8 +36,24 @@ def _run(block: nn.Module, hidden, args, kwargs):
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def _is_linear(module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _is_rms(module) -> bool:
+    return isinstance(module, (nn.RMSNorm, LlamaRMSNorm))
+
+
 def _targets(block: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in block.named_modules() if n and isinstance(m, (nn.Linear, nn.LayerNorm))}
+    kinds = (nn.Linear, Conv1D, nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm)
+    return {n: m for n, m in block.named_modules() if n and isinstance(m, kinds)}
+
+
+def _normalise(module, x):
+    if _is_rms(module):
+        eps = module.eps if isinstance(module, nn.RMSNorm) else module.variance_epsilon
+        return x / (x.square().mean(-1, keepdim=True) + eps).sqrt()
+    return F.layer_norm(x, module.normalized_shape, eps=module.eps)
 
 
 def _keep(cache: dict, name: str):
@@ -99,7 +117,7 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
                     xs2, xe2 = xs.reshape(-1, xs.shape[-1]), xe.reshape(-1, xe.shape[-1])
                     a = acc[name]
                     a["sw"] = a.get("sw", 0.0) + w.sum()
-                    if isinstance(module, nn.Linear):
+                    if _is_linear(module):
                         xt2 = alpha * xe2 + (1 - alpha) * xs2
                         for key, value in (
                             ("sxs", w @ xs2),
@@ -109,12 +127,12 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
                         ):
                             a[key] = a.get(key, 0.0) + value
                     else:
-                        z = F.layer_norm(xs2, module.normalized_shape, eps=module.eps)
+                        z = _normalise(module, xs2)
                         a["sz"] = a.get("sz", 0.0) + w @ z
                         a["sz2"] = a.get("sz2", 0.0) + w @ z.square()
             for name, a in acc.items():
                 sw = a["sw"]
-                if isinstance(targets[name], nn.Linear):
+                if _is_linear(targets[name]):
                     stats[name].append(
                         dict(G=a["G"] / sw, C=a["C"] / sw, mu_s=a["sxs"] / sw, mu_t=a["sxt"] / sw)
                     )
@@ -128,8 +146,10 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
             return rho * m0[p] + (1 - rho) * b0[p]
 
         for name, module in targets.items():
-            ws = [s[f"{name}.weight"] for s in expert_states]
-            if isinstance(module, nn.Linear):
+            # Conv1D stores W transposed: work with W (d_out, d_in) and store it back transposed
+            flip = (lambda t: t.T) if isinstance(module, Conv1D) else (lambda t: t)
+            ws = [flip(s[f"{name}.weight"]) for s in expert_states]
+            if _is_linear(module):
                 st = stats[name]
                 norms = [max(torch.linalg.norm(s["G"]).item(), eps) for s in st]
                 d = st[0]["G"].shape[0]
@@ -137,9 +157,9 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
                 if eps > 0:
                     A = A + eps * torch.eye(d, dtype=torch.float64)
                 B = sum((s["C"] / n) @ W.T for s, n, W in zip(st, norms, ws))
-                B = B + lam * anchor(f"{name}.weight").T
+                B = B + lam * flip(anchor(f"{name}.weight")).T
                 W_new = torch.linalg.solve(A, B).T
-                new[f"{name}.weight"] = W_new
+                new[f"{name}.weight"] = flip(W_new)
                 if module.bias is not None and cfg.calibrate_bias:
                     bs = [s[f"{name}.bias"] for s in expert_states]
                     num = sum(
@@ -147,6 +167,10 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
                     )
                     den = sum(1 / n for n in norms)
                     new[f"{name}.bias"] = (num + lam * anchor(f"{name}.bias")) / (den + lam)
+            elif cfg.calibrate_layernorm and getattr(module, "bias", None) is None:
+                st = stats[name]
+                num = sum(s["e"] * g for s, g in zip(st, ws)) + lam * anchor(f"{name}.weight")
+                new[f"{name}.weight"] = num / (sum(s["e"] for s in st) + lam)
             elif cfg.calibrate_layernorm:
                 st = stats[name]
                 cs = [s[f"{name}.bias"] for s in expert_states]

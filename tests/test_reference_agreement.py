@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 from reference_impl import reference_calibrate
-from tiny_models import BERT, CLIP_VISION, FAMILIES, features, setup
+from tiny_models import BERT, CLIP_VISION, FAMILIES, TOY_KINDS, features, setup
 from torch import nn
 
+import featcal
 from featcal import FeatCalConfig, calibrate, ops
 
 
@@ -114,3 +115,23 @@ def test_float32_run_stays_close_to_float64_reference(family):
     batches = _fresh_batches(family)
     got, want = features(family, ours, batches), features(family, ref, batches)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.fixture
+def toy_adapter():
+    adapter = featcal.ModelAdapter(name="toy-kinds", classes=("ToyKindsModel",), blocks=lambda m: m.blocks)
+    featcal.register_adapter(adapter)
+    yield adapter
+    featcal.adapters._ADAPTERS.remove(adapter)
+
+
+@pytest.mark.parametrize("method", ["cross", "project"])
+def test_rmsnorm_conv1d_and_bias_free_modules_match_reference(toy_adapter, method):
+    family = TOY_KINDS
+    base, experts, merged, data = setup(family)
+    cfg = FeatCalConfig(progress=False, cross_method=method)
+    ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)
+    _, report = calibrate(ours, base=base, experts=experts, data=data, config=cfg)
+    reference_calibrate(family, ref, base, experts, data, cfg)
+    _compare(family, ours, ref, merged)
+    assert not report.warnings

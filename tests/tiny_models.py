@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     BertConfig,
@@ -20,6 +21,9 @@ from transformers import (
     ViTConfig,
     ViTModel,
 )
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
 
 HIDDEN, HEADS, MLP = 32, 4, 64
 
@@ -72,11 +76,13 @@ def _seeded(fn):
         model = fn().eval()
         with torch.no_grad():
             for module in model.modules():
-                if isinstance(module, nn.LayerNorm):
-                    module.weight.copy_(1 + 0.2 * torch.randn_like(module.weight))
-                    module.bias.copy_(0.2 * torch.randn_like(module.bias))
-                elif isinstance(module, nn.Linear) and module.bias is not None:
-                    module.bias.copy_(0.02 * torch.randn_like(module.bias))
+                weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+                if isinstance(module, (nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm)):
+                    weight.copy_(1 + 0.2 * torch.randn_like(weight))
+                    if bias is not None:
+                        bias.copy_(0.2 * torch.randn_like(bias))
+                elif isinstance(module, (nn.Linear, Conv1D)) and bias is not None:
+                    bias.copy_(0.02 * torch.randn_like(bias))
         return model
 
     return build
@@ -160,6 +166,47 @@ ROBERTA = Family(
 )
 
 FAMILIES = [CLIP_VISION, CLIP_FULL, VIT, BERT, ROBERTA]
+
+
+class ToyBlock(nn.Module):
+    """Every other module kind: RMSNorm (HF and torch), GPT-2 Conv1D, bias-free LayerNorm and
+    Linears, and two Linears (gate, up) reading one input."""
+
+    def __init__(self, d: int = 16, h: int = 40):
+        super().__init__()
+        self.ln_1 = LlamaRMSNorm(d, eps=1e-6)
+        self.c_fc, self.c_proj = Conv1D(h, d), Conv1D(d, h)
+        self.ln_2 = nn.LayerNorm(d, bias=False)
+        self.gate, self.up = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down = nn.Linear(h, d)
+        self.ln_3 = nn.RMSNorm(d, eps=1e-5)
+
+    def forward(self, hidden):
+        hidden = hidden + self.c_proj(torch.tanh(self.c_fc(self.ln_1(hidden))))
+        y = self.ln_2(hidden)
+        return self.ln_3(hidden + self.down(F.silu(self.gate(y)) * self.up(y)))
+
+
+class ToyKindsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.blocks = nn.ModuleList([ToyBlock(), ToyBlock()])
+
+    def forward(self, x):
+        hidden = self.embed(x.to(self.embed.weight.dtype))
+        for block in self.blocks:
+            hidden = block(hidden)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+TOY_KINDS = Family(
+    "toy-kinds",
+    _seeded(ToyKindsModel),
+    blocks=lambda m: m.blocks,
+    backbone=lambda m: m,
+    make_batch=lambda gen, size: {"x": torch.randn(size, 6, 3, generator=gen)},
+)
 
 
 def make_experts(base: nn.Module, tasks: int, rel: float = 0.05, seed: int = 1) -> dict:
