@@ -7,8 +7,9 @@ std; Task Arithmetic 0.3; 32 random images per task, batch 16; float32; FeatCal 
 Each implementation runs in its own process (so each peak RSS is its own), on the same case
 built from the same seeds; the parent compares their calibrated weights and final features.
 
-    python bench/e2e_clip_b32.py                                   # featcal only
+    python bench/e2e_clip_b32.py                                        # featcal only
     python bench/e2e_clip_b32.py --reference /path/to/featcal-ref/src   # side by side
+    python bench/e2e_clip_b32.py --reference ... --repeat 3             # interleaved, medians
 
 `--reference` is the `src` folder of a checkout of github.com/egangu/featcal (kept outside this
 repository). Only its two calibration entry points are used; the harness feeds them the
@@ -70,7 +71,7 @@ def build_case(layers: int = 12):
     return base, experts, merged, images, eval_images
 
 
-def run_featcal(case, drift_examples: int) -> float:
+def run_featcal(case, drift_examples: int | None) -> float:
     import featcal
 
     base, experts, merged, images, _ = case
@@ -122,7 +123,7 @@ def run_reference(case, src: str) -> float:
     return time.perf_counter() - start
 
 
-def child(which: str, out: str, src: str | None, layers: int, drift_examples: int) -> None:
+def child(which: str, out: str, src: str | None, layers: int, drift_examples: int | None) -> None:
     """Build the case, run one implementation, save its weights and final features."""
     import resource
 
@@ -156,15 +157,32 @@ def compare(a: str, b: str) -> dict:
     return {"max_weight_rel_diff": worst, "features_rel_diff": features}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reference", help="src/ folder of a checkout of github.com/egangu/featcal")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, interleaved; medians reported")
     parser.add_argument("--layers", type=int, default=12, help="blocks (12 for the standard case)")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument(
-        "--drift-examples", type=int, default=8, help="featcal's drift_examples (default 8, as FeatCalConfig)"
+        "--drift-examples", type=int, help="featcal's drift_examples (default: FeatCalConfig's)"
     )
     parser.add_argument("--child", choices=["featcal", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -173,40 +191,56 @@ def main() -> None:
         child(args.child, args.out, args.reference, args.layers, args.drift_examples)
         return
 
+    import featcal
+
+    drift = featcal.FeatCalConfig().drift_examples if args.drift_examples is None else args.drift_examples
     runs = ["featcal"] + (["reference"] if args.reference else [])
-    results = {}
+    results = {which: [] for which in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for which in runs:
-            out = os.path.join(tmp, f"{which}.safetensors")
-            cmd = [sys.executable, __file__, "--child", which, "--out", out, "--layers", str(args.layers)]
-            cmd += ["--drift-examples", str(args.drift_examples)]
-            if args.reference:
-                cmd += ["--reference", args.reference]
-            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[which]["file"] = out
-        summary = {
-            "case": f"B32-4x32 ({args.layers} blocks)" if args.layers != 12 else "B32-4x32",
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "featcal_config": {"drift_examples": args.drift_examples},
-            "runs": {
-                k: {"seconds": v["seconds"], "peak_rss_gib": v["peak_rss_bytes"] / 2**30}
-                for k, v in results.items()
-            },
-        }
-        if args.reference:
-            summary["speedup"] = results["reference"]["seconds"] / results["featcal"]["seconds"]
-            summary["agreement"] = compare(results["featcal"]["file"], results["reference"]["file"])
-    print(f"case {summary['case']} on {summary['machine']}, torch {summary['torch']}")
-    for which, r in summary["runs"].items():
-        print(f"  {which:9s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_gib']:.2f} GiB")
+        for _ in range(args.repeat):
+            for which in runs:
+                out = os.path.join(tmp, f"{which}.safetensors")
+                cmd = [sys.executable, __file__, "--child", which, "--out", out, "--layers", str(args.layers)]
+                cmd += ["--drift-examples", str(drift)]
+                if args.reference:
+                    cmd += ["--reference", args.reference]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                results[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        agreement = (
+            compare(*(os.path.join(tmp, f"{w}.safetensors") for w in runs)) if args.reference else None
+        )
+    summary = {
+        "case": "B32-4x32" if args.layers == 12 else f"B32-4x32 ({args.layers} blocks)",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "featcal_config": {"drift_examples": drift},
+        "repeat": args.repeat,
+        "runs": {
+            which: {
+                "seconds": [r["seconds"] for r in rs],
+                "median_seconds": _median([r["seconds"] for r in rs]),
+                "peak_rss_gib": max(r["peak_rss_bytes"] for r in rs) / 2**30,
+            }
+            for which, rs in results.items()
+        },
+    }
     if args.reference:
-        agree = summary["agreement"]
+        pairs = [r["seconds"] / f["seconds"] for f, r in zip(results["featcal"], results["reference"])]
+        summary["speedup_per_pair"] = pairs
+        summary["speedup_median"] = _median(pairs)
+        summary["agreement"] = agreement
+    print(f"case {summary['case']} on {summary['machine']}, torch {summary['torch']}, drift_examples {drift}")
+    for which, r in summary["runs"].items():
+        times = ", ".join(f"{t:.1f}" for t in r["seconds"])
+        rss = r["peak_rss_gib"]
+        print(f"  {which:9s} median {r['median_seconds']:7.1f} s ({times})   peak RSS {rss:.2f} GiB")
+    if args.reference:
         print(
-            f"  speed-up {summary['speedup']:.2f}x; weights max rel diff {agree['max_weight_rel_diff']:.1e}, "
-            f"final features rel diff {agree['features_rel_diff']:.1e}"
+            f"  speed-up median {summary['speedup_median']:.2f}x "
+            f"(pairs: {', '.join(f'{p:.2f}' for p in summary['speedup_per_pair'])}); "
+            f"weights max rel diff {agreement['max_weight_rel_diff']:.1e}, "
+            f"final features rel diff {agreement['features_rel_diff']:.1e}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -37,7 +37,7 @@ class FeatCalConfig:
     calibrate_bias: bool = True
     calibrate_layernorm: bool = True
     cross_method: str = "auto"
-    drift_examples: int | None = 8
+    drift_examples: int | None = 4
     progress: bool = True
 
     def __post_init__(self) -> None:

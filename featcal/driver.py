@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,6 +34,7 @@ from .capture import (
     run_block,
     token_weights,
 )
+from .checkpoint import load_model
 from .config import FeatCalConfig
 from .errors import FeatCalError
 from .modules import ModuleRef, calibrated_modules
@@ -74,6 +74,9 @@ def calibrate(
     device: str | torch.device | None = None,
 ) -> Calibrated:
     """Calibrate `merged` in place with FeatCal and return it with a report.
+
+    The merged model's blocks are updated one after the other; if the run stops with an error,
+    the blocks before the failing one are already calibrated.
 
     base: the pretrained model; experts: task -> fine-tuned model (same architecture as
     `merged`); base and experts may also be checkpoint directories or hub ids. data: task ->
@@ -337,9 +340,7 @@ def _as_model(model: ModelLike, role: str) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if isinstance(model, (str, os.PathLike)):
-        from .checkpoint import load_model
-
-        return load_model(Path(model) if os.path.exists(model) else str(model))
+        return load_model(model)
     raise FeatCalError(f"the {role} must be a torch module or a checkpoint path, got {type(model).__name__}")
 
 

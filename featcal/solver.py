@@ -33,9 +33,9 @@ class BlockSystem:
         self.plan, self.config, self.dtype, self.device = plan, config, dtype, device
         self.tasks = 0
         self.sums: list[dict] = []
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         for group in plan.groups:
             d = group.d_in
-            zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
             if group.kind == LINEAR:
                 self.sums.append(
                     {

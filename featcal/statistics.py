@@ -187,8 +187,8 @@ class TaskStatistics:
         self.method: dict[int, str] = {}
         self.per_token: dict[int, bool] = {}
         self.buffers: dict[int, dict[str, Tensor]] = {}
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         for i, group in enumerate(plan.groups):
-            zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
             buf = {"weight_sum": zeros()}
             d = group.d_in
             if group.kind == LINEAR:

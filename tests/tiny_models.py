@@ -56,15 +56,13 @@ def _text_batch(gen: torch.Generator, size: int, length: int = 12, pad_to: int |
     return {"input_ids": ids, "attention_mask": mask}
 
 
+_VISION = dict(
+    hidden_size=HIDDEN, intermediate_size=MLP, num_attention_heads=HEADS, image_size=32, patch_size=8
+)
+
+
 def _clip_vision_config(layers: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=MLP,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        image_size=32,
-        patch_size=8,
-    )
+    return CLIPVisionConfig(num_hidden_layers=layers, **_VISION)
 
 
 def _seeded(fn):
@@ -122,18 +120,7 @@ CLIP_FULL = Family(
 
 VIT = Family(
     "vit",
-    _seeded(
-        lambda: ViTModel(
-            ViTConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=MLP,
-                num_hidden_layers=2,
-                num_attention_heads=HEADS,
-                image_size=32,
-                patch_size=8,
-            )
-        )
-    ),
+    _seeded(lambda: ViTModel(ViTConfig(num_hidden_layers=2, **_VISION))),
     blocks=lambda m: m.layers if hasattr(m, "layers") else m.encoder.layer,
     backbone=lambda m: m,
     make_batch=_vision_batch,
@@ -149,21 +136,19 @@ _TEXT = dict(
     pad_token_id=1,
 )
 
-BERT = Family(
-    "bert",
-    _seeded(lambda: BertModel(BertConfig(**_TEXT), add_pooling_layer=False)),
-    blocks=lambda m: m.encoder.layer,
-    backbone=lambda m: m,
-    make_batch=_text_batch,
-)
 
-ROBERTA = Family(
-    "roberta",
-    _seeded(lambda: RobertaModel(RobertaConfig(**_TEXT), add_pooling_layer=False)),
-    blocks=lambda m: m.encoder.layer,
-    backbone=lambda m: m,
-    make_batch=_text_batch,
-)
+def _text_family(name: str, model_cls, config_cls) -> Family:
+    return Family(
+        name,
+        _seeded(lambda: model_cls(config_cls(**_TEXT), add_pooling_layer=False)),
+        blocks=lambda m: m.encoder.layer,
+        backbone=lambda m: m,
+        make_batch=_text_batch,
+    )
+
+
+BERT = _text_family("bert", BertModel, BertConfig)
+ROBERTA = _text_family("roberta", RobertaModel, RobertaConfig)
 
 FAMILIES = [CLIP_VISION, CLIP_FULL, VIT, BERT, ROBERTA]
 
