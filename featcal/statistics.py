@@ -207,6 +207,7 @@ class TaskStatistics:
         self._mask: Tensor | None = None
         self._cache: ExpertCache | None = None
         self._weights: dict = {}
+        self._seen: set[int] = set()
 
     def needs(self) -> tuple[set[str], set[str]]:
         """Names of the expert modules whose input, and whose output, the statistics read."""
@@ -220,11 +221,26 @@ class TaskStatistics:
 
     def begin_batch(self, mask: Tensor | None, cache: ExpertCache) -> None:
         """Start a batch: its (batch, tokens) padding weights and the expert's cached tensors."""
-        self._mask, self._cache, self._weights = mask, cache, {}
+        self._mask, self._cache, self._weights, self._seen = mask, cache, {}, set()
+
+    def end_batch(self) -> None:
+        """Check that every group received exactly one input during the batch's forward pass."""
+        missed = [g.names for i, g in enumerate(self.plan.groups) if i not in self._seen]
+        if missed:
+            raise FeatCalError(
+                f"task {self.task!r}, block {self.block}: modules {missed} were not called in a "
+                "forward pass that called them in the first batch"
+            )
 
     def accumulate(self, i: int, x: Tensor) -> None:
         """Add the student input x (batch, tokens, d_in) of group i for the current batch."""
         group = self.plan.groups[i]
+        if i in self._seen:
+            raise FeatCalError(
+                f"task {self.task!r}, block {self.block}: modules {group.names} were called twice "
+                "in one forward pass; FeatCal needs exactly one input per calibrated module"
+            )
+        self._seen.add(i)
         buf = self.buffers[i]
         x2 = x.reshape(-1, x.shape[-1])
         w = self._token_weights(group.focus, x)

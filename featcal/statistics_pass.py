@@ -162,6 +162,7 @@ def statistics_pass(
                 batch_cache = cache
             stats.begin_batch(streams.weights[i], batch_cache)
             run_until_stopped(run_block, adapter, block, hidden, streams.student_ctx[i])
+            stats.end_batch()
             batch_cache.clear()
             outputs.append(out)
     return stats.finish(), outputs

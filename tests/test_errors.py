@@ -102,38 +102,54 @@ def test_batches_must_be_tensors_or_dicts(clip32):
         _run(clip32, data={"task0": [[1, 2]], "task1": clip32[3]["task1"]})
 
 
-def test_registered_adapter_calibrates_a_new_family():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.up, self.down = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
 
-        def forward(self, h):
-            return h + self.down(torch.tanh(self.up(self.norm(h))))
+    def forward(self, h):
+        if h.shape[0] < 4:  # a data-dependent path: small batches skip the MLP
+            return self.norm(h)
+        return h + self.down(torch.tanh(self.up(self.norm(h))))
 
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(3, 8)
-            self.stack = nn.ModuleList([Block(), Block()])
 
-        def forward(self, x):
-            h = self.embed(x)
-            for block in self.stack:
-                h = block(h)
-            return h
+class StackModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.stack = nn.ModuleList([_Block(), _Block()])
 
-    adapter = featcal.ModelAdapter(name="toy", classes=("Toy",), blocks=lambda m: m.stack)
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.stack:
+            h = block(h)
+        return h
+
+
+@pytest.fixture
+def stack_models():
+    adapter = featcal.ModelAdapter(name="stack", classes=("StackModel",), blocks=lambda m: m.stack)
     featcal.register_adapter(adapter)
-    try:
-        torch.manual_seed(0)
-        base = Toy()
-        experts = make_experts(base, 2, rel=0.2)
-        merged = featcal.task_arithmetic(base, experts)
-        data = {t: [torch.randn(4, 6, 3) for _ in range(3)] for t in experts}
-        before = copy.deepcopy(merged)
-        _, report = calibrate(merged, base=base, experts=experts, data=data, config=CFG)
-        assert not torch.equal(merged.stack[1].down.weight, before.stack[1].down.weight)
-        assert report.blocks[-1].drift_calibrated < report.blocks[-1].drift_merged
-    finally:
-        featcal.adapters._ADAPTERS.remove(adapter)
+    torch.manual_seed(0)
+    base = StackModel()
+    experts = make_experts(base, 2, rel=0.2)
+    yield base, experts, featcal.task_arithmetic(base, experts)
+    featcal.adapters._ADAPTERS.remove(adapter)
+
+
+def test_registered_adapter_calibrates_a_new_family(stack_models):
+    base, experts, merged = stack_models
+    data = {t: [torch.randn(4, 6, 3) for _ in range(3)] for t in experts}
+    before = copy.deepcopy(merged)
+    _, report = calibrate(merged, base=base, experts=experts, data=data, config=CFG)
+    assert not torch.equal(merged.stack[1].down.weight, before.stack[1].down.weight)
+    assert report.blocks[-1].drift_calibrated < report.blocks[-1].drift_merged
+
+
+def test_module_skipped_in_a_later_batch_is_named(stack_models):
+    base, experts, merged = stack_models
+    data = {t: [torch.randn(4, 6, 3), torch.randn(2, 6, 3)] for t in experts}
+    with pytest.raises(
+        FeatCalError, match=r"task 'task0', block 0: modules \[\['up'\], \['down'\]\] were not called"
+    ):
+        calibrate(merged, base=base, experts=experts, data=data, config=CFG)
