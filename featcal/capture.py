@@ -95,7 +95,7 @@ def capture_first_block_inputs(
 
     def hook(module, args, kwargs):
         captured["args"], captured["kwargs"] = args, kwargs
-        raise _StopForward
+        stop_forward()
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -63,6 +63,12 @@ class ModuleRef:
     def bias(self) -> Tensor | None:
         return getattr(self.module, "bias", None)
 
+    def params(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """(weight as `weight()` gives it, bias or None), cast to dtype and device."""
+        b = self.bias()
+        cast = {"dtype": dtype, "device": device}
+        return self.weight().to(**cast), None if b is None else b.to(**cast)
+
     def set_weight(self, value: Tensor) -> None:
         """Write W (d_out, d_in) (or gamma) into the module, in its own layout and dtype."""
         self.weight().copy_(value)

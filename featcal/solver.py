@@ -66,7 +66,7 @@ class BlockSystem:
                 sums["energy"] += mom.energy
                 sums["mean"] += mom.mean
                 for k, m in enumerate(members):
-                    g, c = self._params(expert[m.name])
+                    g, c = expert[m.name].params(self.dtype, self.device)
                     sums["r1"][k] += mom.energy * g
                     sums["r2"][k] += mom.mean * g
                     if c is not None:
@@ -85,7 +85,7 @@ class BlockSystem:
             sums["s"] += scale
             for k, m in enumerate(members):
                 sums["B"][k].add_(mom.rhs[k], alpha=scale)
-                _, b = self._params(expert[m.name])
+                _, b = expert[m.name].params(self.dtype, self.device)
                 teacher = mom.teacher_out[k] if b is None else mom.teacher_out[k] + b
                 sums["R"][k].add_(teacher, alpha=scale)
 
@@ -109,8 +109,8 @@ class BlockSystem:
         return updates
 
     def _solve_linear(self, sums, refs, bases, lam, eps):
-        anchors = [self._anchor(ref, b, "weight") for ref, b in zip(refs, bases)]
-        rhs = torch.cat([B if a is None else B + lam * a.mT for B, a in zip(sums["B"], anchors)], dim=1)
+        anchors = [self._anchors(ref, b) for ref, b in zip(refs, bases)]
+        rhs = torch.cat([B if a is None else B + lam * a.mT for B, (a, _) in zip(sums["B"], anchors)], dim=1)
         X = ops.ridge_solve(sums["A"], rhs, lam + (eps if eps > 0 else 0.0))
         updates, start = [], 0
         for k, ref in enumerate(refs):
@@ -119,20 +119,17 @@ class BlockSystem:
             updates.append((ref, "weight", W))
             if not self.config.calibrate_bias or ref.bias() is None:
                 continue
-            num = sums["R"][k] - W @ sums["V"]
-            den = sums["s"].clone()
-            anchor = self._anchor(ref, bases[k], "bias")
-            if anchor is not None:
-                num += lam * anchor
-                den += lam
+            num, den = sums["R"][k] - W @ sums["V"], sums["s"]
+            bias_anchor = anchors[k][1]
+            if bias_anchor is not None:
+                num, den = num + lam * bias_anchor, den + lam
             updates.append((ref, "bias", num / den.clamp_min(torch.finfo(self.dtype).eps)))
         return updates
 
     def _solve_norm(self, sums, refs, bases, lam, eps):
         updates = []
         for k, ref in enumerate(refs):
-            g_anchor = self._anchor(ref, bases[k], "weight")
-            c_anchor = self._anchor(ref, bases[k], "bias")
+            g_anchor, c_anchor = self._anchors(ref, bases[k])
             lam_g = lam if g_anchor is not None else 0.0
             r1 = sums["r1"][k] + (lam * g_anchor if g_anchor is not None else 0.0)
             if ref.bias() is None:
@@ -147,19 +144,11 @@ class BlockSystem:
             updates.append((ref, "bias", (a11 * r2 - a12 * r1) / det))
         return updates
 
-    def _anchor(self, ref: ModuleRef, base: ModuleRef | None, which: str) -> Tensor | None:
-        """rho * merged + (1 - rho) * base for the module's weight (d_out, d_in) or bias."""
+    def _anchors(self, ref: ModuleRef, base: ModuleRef | None) -> tuple[Tensor | None, Tensor | None]:
+        """rho * merged + (1 - rho) * base for the module's weight (d_out, d_in) and bias (or None)."""
         if base is None:
-            return None
-        merged_p, base_p = (ref.weight(), base.weight()) if which == "weight" else (ref.bias(), base.bias())
-        if merged_p is None or base_p is None:
-            return None
+            return None, None
         rho = self.config.anchor_blend_rho
-        return rho * self._cast(merged_p) + (1 - rho) * self._cast(base_p)
-
-    def _params(self, ref: ModuleRef) -> tuple[Tensor, Tensor | None]:
-        b = ref.bias()
-        return self._cast(ref.weight()), None if b is None else self._cast(b)
-
-    def _cast(self, t: Tensor) -> Tensor:
-        return t.to(device=self.device, dtype=self.dtype)
+        (w, b), (base_w, base_b) = ref.params(self.dtype, self.device), base.params(self.dtype, self.device)
+        bias = None if b is None or base_b is None else rho * b + (1 - rho) * base_b
+        return rho * w + (1 - rho) * base_w, bias

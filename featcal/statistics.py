@@ -63,12 +63,6 @@ class BlockPlan:
     last: str
     skipped: list[str] = field(default_factory=list)
 
-    def group_of(self, name: str) -> Group | None:
-        for group in self.groups:
-            if name in group.names:
-                return group
-        return None
-
 
 def discover_plan(
     order: list[str],
@@ -84,20 +78,17 @@ def discover_plan(
             f"{where}: modules {repeated} are called more than once in one forward pass; "
             "FeatCal needs exactly one input per calibrated module"
         )
-    groups: list[Group] = []
+    found: list[tuple[tuple, Tensor, Group]] = []  # (kind, eps, focus), input, group
     for name in order:
-        ref = modules[name]
-        key = (ref.kind, ref.norm_eps() if ref.kind != LINEAR else None, focus(name))
-        for group in groups:
-            lead = group.leader
-            lead_key = (lead.kind, lead.norm_eps() if lead.kind != LINEAR else None, group.focus)
-            if inputs[lead.name] is inputs[name] and lead_key == key:
-                group.members.append(ref)
-                break
+        ref, x = modules[name], inputs[name]
+        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name))
+        group = next((g for k, gx, g in found if k == key and gx is x), None)
+        if group is None:
+            found.append((key, x, Group(ref.kind, [ref], key[2])))
         else:
-            groups.append(Group(ref.kind, [ref], key[2]))
+            group.members.append(ref)
     skipped = [name for name in modules if name not in order]
-    return BlockPlan(groups, order[-1], skipped)
+    return BlockPlan([g for _, _, g in found], order[-1], skipped)
 
 
 def choose_method(group: Group, tokens: int, alpha: float, requested: str) -> str:
@@ -327,10 +318,7 @@ class TaskStatistics:
         return self._weights[focus]
 
     def _expert_params(self, name: str) -> tuple[Tensor, Tensor | None]:
-        ref = self.expert[name]
-        b = ref.bias()
-        cast = {"dtype": self.dtype, "device": self.device}
-        return ref.weight().to(**cast), None if b is None else b.to(**cast)
+        return self.expert[name].params(self.dtype, self.device)
 
     def _check(self, group: Group, side: str, *tensors: Tensor) -> None:
         if all(ops.all_finite(t) for t in tensors):
