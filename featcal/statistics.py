@@ -255,7 +255,7 @@ class TaskStatistics:
             ops.weighted_sum(xe2, w, buf["sum_e"])
             return
         for m in group.members:
-            W, b = self._expert_params(m.name)
+            W, b = self.expert[m.name].params(self.dtype, self.device)
             ye = self._cache.outputs[m.name]
             y = ye.reshape(-1, ye.shape[-1]).to(self.dtype)
             if b is not None:
@@ -290,12 +290,12 @@ class TaskStatistics:
                 mean_t = buf["sum_e"].div_(total).mul_(self.alpha).add_(mean_s, alpha=1 - self.alpha)
                 self._check(group, "expert", cross, mean_t)
                 for m in group.members:
-                    W, _ = self._expert_params(m.name)
+                    W, _ = self.expert[m.name].params(self.dtype, self.device)
                     rhs.append(cross @ W.mT)
                     teacher.append(W @ mean_t)
             else:
                 for m in group.members:
-                    W, _ = self._expert_params(m.name)
+                    W, _ = self.expert[m.name].params(self.dtype, self.device)
                     q = buf[f"rhs:{m.name}"].div_(total)
                     if not self.per_token[i]:
                         q.mul_(self.alpha).addmm_(gram, W.mT, alpha=1 - self.alpha)
@@ -316,9 +316,6 @@ class TaskStatistics:
                 w = f if w is None else w * f
             self._weights[focus] = None if w is None else w.reshape(-1)
         return self._weights[focus]
-
-    def _expert_params(self, name: str) -> tuple[Tensor, Tensor | None]:
-        return self.expert[name].params(self.dtype, self.device)
 
     def _check(self, group: Group, side: str, *tensors: Tensor) -> None:
         if all(ops.all_finite(t) for t in tensors):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, make_experts, setup
+from tiny_models import CLIP_VISION, STACK_ADAPTER, Stack, make_experts, registered, setup
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -113,28 +113,13 @@ class _Block(nn.Module):
         return h + self.down(torch.tanh(self.up(self.norm(h))))
 
 
-class StackModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(3, 8)
-        self.stack = nn.ModuleList([_Block(), _Block()])
-
-    def forward(self, x):
-        h = self.embed(x)
-        for block in self.stack:
-            h = block(h)
-        return h
-
-
 @pytest.fixture
 def stack_models():
-    adapter = featcal.ModelAdapter(name="stack", classes=("StackModel",), blocks=lambda m: m.stack)
-    featcal.register_adapter(adapter)
-    torch.manual_seed(0)
-    base = StackModel()
-    experts = make_experts(base, 2, rel=0.2)
-    yield base, experts, featcal.task_arithmetic(base, experts)
-    featcal.adapters._ADAPTERS.remove(adapter)
+    with registered(STACK_ADAPTER):
+        torch.manual_seed(0)
+        base = Stack([_Block(), _Block()], 8)
+        experts = make_experts(base, 2, rel=0.2)
+        yield base, experts, featcal.task_arithmetic(base, experts)
 
 
 def test_registered_adapter_calibrates_a_new_family(stack_models):
@@ -142,7 +127,7 @@ def test_registered_adapter_calibrates_a_new_family(stack_models):
     data = {t: [torch.randn(4, 6, 3) for _ in range(3)] for t in experts}
     before = copy.deepcopy(merged)
     _, report = calibrate(merged, base=base, experts=experts, data=data, config=CFG)
-    assert not torch.equal(merged.stack[1].down.weight, before.stack[1].down.weight)
+    assert not torch.equal(merged.blocks[1].down.weight, before.blocks[1].down.weight)
     assert report.blocks[-1].drift_calibrated < report.blocks[-1].drift_merged
 
 

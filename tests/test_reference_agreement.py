@@ -9,10 +9,9 @@ import copy
 import pytest
 import torch
 from reference_impl import reference_calibrate
-from tiny_models import BERT, CLIP_VISION, FAMILIES, TOY_KINDS, features, setup
+from tiny_models import BERT, CLIP_VISION, FAMILIES, STACK_ADAPTER, TOY_KINDS, features, registered, setup
 from torch import nn
 
-import featcal
 from featcal import FeatCalConfig, calibrate, ops
 
 
@@ -117,17 +116,14 @@ def test_float32_run_stays_close_to_float64_reference(family):
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.fixture
-def toy_adapter():
-    adapter = featcal.ModelAdapter(name="toy-kinds", classes=("ToyKindsModel",), blocks=lambda m: m.blocks)
-    featcal.register_adapter(adapter)
-    yield adapter
-    featcal.adapters._ADAPTERS.remove(adapter)
-
-
 @pytest.mark.parametrize("method", ["cross", "project"])
-def test_rmsnorm_conv1d_and_bias_free_modules_match_reference(toy_adapter, method):
+def test_rmsnorm_conv1d_and_bias_free_modules_match_reference(method):
     family = TOY_KINDS
+    with registered(STACK_ADAPTER):
+        _check_toy_kinds(family, method)
+
+
+def _check_toy_kinds(family, method):
     base, experts, merged, data = setup(family)
     cfg = FeatCalConfig(progress=False, cross_method=method)
     ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
+
+import featcal
 
 HIDDEN, HEADS, MLP = 32, 4, 64
 
@@ -172,11 +175,13 @@ class ToyBlock(nn.Module):
         return self.ln_3(hidden + self.down(F.silu(self.gate(y)) * self.up(y)))
 
 
-class ToyKindsModel(nn.Module):
-    def __init__(self):
+class Stack(nn.Module):
+    """An embedding and a list of blocks: the smallest model a registered adapter drives."""
+
+    def __init__(self, blocks: list[nn.Module], width: int):
         super().__init__()
-        self.embed = nn.Linear(3, 16)
-        self.blocks = nn.ModuleList([ToyBlock(), ToyBlock()])
+        self.embed = nn.Linear(3, width)
+        self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x):
         hidden = self.embed(x.to(self.embed.weight.dtype))
@@ -185,9 +190,22 @@ class ToyKindsModel(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden)
 
 
+STACK_ADAPTER = featcal.ModelAdapter(name="stack", classes=("Stack",), blocks=lambda m: m.blocks)
+
+
+@contextmanager
+def registered(adapter):
+    """`adapter` registered with featcal for the duration."""
+    featcal.register_adapter(adapter)
+    try:
+        yield adapter
+    finally:
+        featcal.adapters._ADAPTERS.remove(adapter)
+
+
 TOY_KINDS = Family(
     "toy-kinds",
-    _seeded(ToyKindsModel),
+    _seeded(lambda: Stack([ToyBlock(), ToyBlock()], 16)),
     blocks=lambda m: m.blocks,
     backbone=lambda m: m,
     make_batch=lambda gen, size: {"x": torch.randn(size, 6, 3, generator=gen)},
