@@ -4,8 +4,11 @@ Everything above this module calls only these functions. Each has a pure PyTorch
 implementation here, which is the reference later kernels must match and the fallback
 when a native path cannot load.
 
-`FEATCAL_BACKEND` picks the implementation: `auto` (default: the fastest available),
-`torch` (the pure PyTorch reference everywhere) or `triton`.
+`FEATCAL_BACKEND` picks the implementation: `auto` (default: Triton kernels for CUDA
+tensors, PyTorch for CPU tensors), `torch` (the pure PyTorch reference everywhere) or `triton`
+(the kernels for every device; CPU tensors then need `TRITON_INTERPRET=1`). The kernels
+(`featcal.kernels`) are imported on first use; under `auto` a failed import falls back to
+PyTorch with a one-line warning.
 
 Accumulators are float32, or float64 when the inputs are float64, whatever the input dtype.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -23,7 +28,9 @@ from .errors import FeatCalError
 log = logging.getLogger("featcal")
 
 BACKENDS = ("auto", "torch", "triton")
-OPS = ("weighted_gram", "weighted_cross", "weighted_sum", "norm_moments", "ridge_solve")
+STATISTICS_OPS = ("weighted_gram", "complete_gram", "weighted_cross", "weighted_sum", "norm_moments")
+OPS = (*STATISTICS_OPS, "ridge_solve")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile of the lower-triangle Gram: (1 + d / GRAM_TILE) / 2 tiles of d / GRAM_TILE per row,
 # about 55% of the full product's flops for large d.
@@ -37,18 +44,67 @@ def requested_backend() -> str:
     value = os.environ.get("FEATCAL_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise FeatCalError(f"FEATCAL_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
-    if value == "triton":
-        raise FeatCalError(
-            "FEATCAL_BACKEND=triton: this build of featcal has no Triton kernels yet; "
-            "use FEATCAL_BACKEND=auto or torch"
-        )
     return value
 
 
+# Calls per (op, implementation) since import: what really served, for tests and reports.
+served: Counter[tuple[str, str]] = Counter()
+
+_kernels: ModuleType | None = None
+_kernels_error: str | None = None
+
+
+def _load_kernels() -> ModuleType | None:
+    """featcal.kernels, imported once; None (and the reason in _kernels_error) if it cannot load."""
+    global _kernels, _kernels_error
+    if _kernels is None and _kernels_error is None:
+        try:
+            from . import kernels
+        except ImportError as exc:
+            _kernels_error = f"{type(exc).__name__}: {exc}"
+            if requested_backend() == "auto":
+                log.warning("featcal: Triton kernels unavailable (%s); PyTorch serves", _kernels_error)
+        else:
+            _kernels = kernels
+    return _kernels
+
+
+def _triton_serves(device: torch.device) -> str:
+    """'triton', 'triton-interpreter' or 'torch' for statistics ops on float32/16/bf16 tensors of
+    this device type, or the reason forced Triton cannot run."""
+    backend = requested_backend()
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    kernels = _load_kernels()
+    if kernels is None:
+        return "torch" if backend == "auto" else f"unavailable ({_kernels_error})"
+    if kernels.INTERPRETED:
+        return "triton-interpreter"
+    if device.type != "cuda":
+        return "unavailable (CPU tensors need TRITON_INTERPRET=1 before featcal.kernels is imported)"
+    return "triton"
+
+
+def _kernels_for(op: str, out: Tensor, *inputs: Tensor) -> ModuleType | None:
+    """The kernels module if Triton serves `op` for these tensors, else None; counts what served.
+
+    float64 accumulators always go to PyTorch: the kernels accumulate in float32.
+    """
+    impl = "torch"
+    if out.dtype == torch.float32 and all(t.dtype in TRITON_DTYPES for t in inputs):
+        impl = _triton_serves(out.device)
+        if impl.startswith("unavailable"):
+            raise FeatCalError(f"{op}: FEATCAL_BACKEND=triton, but Triton is {impl}")
+    served[(op, impl)] += 1
+    return _kernels if impl.startswith("triton") else None
+
+
 def backend_info() -> dict[str, dict[str, str]]:
-    """Which implementation serves each op on each device, e.g. {"ridge_solve": {"cpu": "torch"}}."""
-    requested_backend()
-    return {op: {"cpu": "torch", "cuda": "torch"} for op in OPS}
+    """Which implementation serves each op on each device type, for float32, float16 and
+    bfloat16 inputs (float64 always runs in PyTorch), e.g. {"weighted_gram": {"cpu": "torch",
+    "cuda": "triton"}}. `served` counts the calls each implementation really took."""
+    stats = {dev: _triton_serves(torch.device(dev)) for dev in ("cpu", "cuda")}
+    return {op: dict(stats) if op in STATISTICS_OPS else {"cpu": "torch", "cuda": "torch"} for op in OPS}
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,22 +113,37 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def weighted_gram(
-    x: Tensor, w: Tensor | None = None, out: Tensor | None = None, *, lower_only: bool = False
+    x: Tensor,
+    w: Tensor | None = None,
+    out: Tensor | None = None,
+    *,
+    lower_only: bool = False,
+    out_sum: Tensor | None = None,
+    tf32: bool = False,
 ) -> Tensor:
     """out += x^T diag(w) x for x of shape (n, d); returns out (d, d).
 
-    With `lower_only`, only the GRAM_TILE-square tiles on and below the diagonal are
-    accumulated (the rest of `out` is left as it was); call `complete_gram(out)` once when
-    accumulation is complete.
+    With `out_sum`, also out_sum += sum_n w_n x_n in the same pass. With `lower_only`, only
+    entries on and below the diagonal are sure to be accumulated; call `complete_gram(out)`
+    once when accumulation is complete. `tf32` lets float32 inputs use TF32 matrix units
+    (Triton on CUDA only).
     """
     x = _matrix(x, "x")
-    d = x.shape[1]
+    n, d = x.shape
     out = _accumulator(out, (d, d), x)
+    if out_sum is not None:
+        _accumulator(out_sum, (d,), x)
+    if w is not None:
+        _weights(w, n, out.dtype)
+    kernels = _kernels_for("weighted_gram", out, x)
+    if kernels is not None:
+        return kernels.weighted_gram(x, w, out, lower_only=lower_only, out_sum=out_sum, tf32=tf32)
     xa = x.to(out.dtype)
     xw = _apply_weights(xa, w)
+    if out_sum is not None:
+        out_sum.add_(xw.sum(0))
     if not lower_only or d < 2 * GRAM_TILE:
-        out.addmm_(xw.mT, xa)
-        return out
+        return out.addmm_(xw.mT, xa)
     for start in range(0, d, GRAM_TILE):
         stop = min(start + GRAM_TILE, d)
         out[start:stop, :stop].addmm_(xw[:, start:stop].mT, xa[:, :stop])
@@ -80,33 +151,61 @@ def weighted_gram(
 
 
 def complete_gram(g: Tensor) -> Tensor:
-    """Fill the upper tiles of a Gram accumulated with `lower_only` from the lower ones; returns g."""
+    """Copy the strict lower triangle of a Gram accumulated with `lower_only` onto its upper
+    triangle, in place; returns g."""
+    kernels = _kernels_for("complete_gram", g, g)
+    if kernels is not None:
+        return kernels.mirror_lower(g)
     d = g.shape[-1]
-    if d < 2 * GRAM_TILE:
-        return g
-    for row in range(GRAM_TILE, d, GRAM_TILE):
-        for col in range(0, row, GRAM_TILE):
-            g[col : col + GRAM_TILE, row : row + GRAM_TILE].copy_(
-                g[row : row + GRAM_TILE, col : col + GRAM_TILE].mT
-            )
+    for start in range(0, d, GRAM_TILE):
+        stop = min(start + GRAM_TILE, d)
+        g[:start, start:stop].copy_(g[start:stop, :start].mT)
+        block = g[start:stop, start:stop]
+        block.copy_(block.tril() + block.tril(-1).mT)
     return g
 
 
-def weighted_cross(x: Tensor, y: Tensor, w: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """out += x^T diag(w) y for x (n, dx) and y (n, dy); returns out (dx, dy)."""
+def weighted_cross(
+    x: Tensor,
+    y: Tensor,
+    w: Tensor | None = None,
+    out: Tensor | None = None,
+    *,
+    out_sum_y: Tensor | None = None,
+    tf32: bool = False,
+) -> Tensor:
+    """out += x^T diag(w) y for x (n, dx) and y (n, dy); returns out (dx, dy).
+
+    With `out_sum_y`, also out_sum_y += sum_n w_n y_n in the same pass; `tf32` as in
+    `weighted_gram`.
+    """
     x = _matrix(x, "x")
     y = _matrix(y, "y")
     if y.shape[0] != x.shape[0]:
         raise FeatCalError(f"weighted_cross: x has {x.shape[0]} rows but y has {y.shape[0]}")
     out = _accumulator(out, (x.shape[1], y.shape[1]), x)
-    xw = _apply_weights(x.to(out.dtype), w)
-    return out.addmm_(xw.mT, y.to(out.dtype))
+    if out_sum_y is not None:
+        _accumulator(out_sum_y, (y.shape[1],), x)
+    if w is not None:
+        _weights(w, x.shape[0], out.dtype)
+    kernels = _kernels_for("weighted_cross", out, x, y)
+    if kernels is not None:
+        return kernels.weighted_cross(x, y, w, out, out_sum_y=out_sum_y, tf32=tf32)
+    ya = y.to(out.dtype)
+    if out_sum_y is not None:
+        weighted_sum(ya, w, out_sum_y)
+    return out.addmm_(_apply_weights(x.to(out.dtype), w).mT, ya)
 
 
 def weighted_sum(x: Tensor, w: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """out += sum_n w_n x_n for x (n, d); returns out (d,)."""
     x = _matrix(x, "x")
     out = _accumulator(out, (x.shape[1],), x)
+    if w is not None:
+        _weights(w, x.shape[0], out.dtype)
+    kernels = _kernels_for("weighted_sum", out, x)
+    if kernels is not None:
+        return kernels.weighted_sum(x, w, out)
     xa = x.to(out.dtype)
     if w is None:
         return out.add_(xa.sum(0))
@@ -131,13 +230,19 @@ def norm_moments(
     d = x.shape[1]
     out_sum = _accumulator(out_sum, (d,), x)
     out_sq = _accumulator(out_sq, (d,), x)
+    if w is not None:
+        _weights(w, x.shape[0], out_sum.dtype)
+    kernels = _kernels_for("norm_moments", out_sum, x, out_sq)
+    if kernels is not None:
+        return kernels.norm_moments(x, w, out_sum, out_sq, rms=rms, eps=eps)
     xa = x.to(out_sum.dtype)
     if rms:
         z = torch.nn.functional.rms_norm(xa, (d,), eps=eps)
     else:
         z = torch.nn.functional.layer_norm(xa, (d,), eps=eps)
-    weighted_sum(z, w, out_sum)
-    weighted_sum(z.square_(), w, out_sq)
+    xw = _apply_weights(z, w)
+    out_sum.add_(xw.sum(0))
+    out_sq.add_(xw.mul_(z).sum(0))
     return out_sum, out_sq
 
 

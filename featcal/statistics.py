@@ -10,8 +10,9 @@ C = sum w x_s x_t^T / S_w and x_t = alpha x_e + (1 - alpha) x_s, in one of two e
 
     cross:    X = sum w x_s x_e^T (d_in x d_in);  C = alpha X / S_w + (1 - alpha) G;  Q = C W^T
     project:  Q = sum w x_s (alpha (y_e - b) + (1 - alpha) x_s W^T)^T / S_w, where y_e is the
-              expert module's own output; with more tokens than inputs the (1 - alpha) part is
-              taken once as (1 - alpha) G W^T instead of token by token.
+              expert module's own output. The sums run over y_e itself and b is taken out once
+              at the end (- alpha mu_s b^T); with more tokens than inputs the (1 - alpha) part
+              is taken once as (1 - alpha) G W^T instead of token by token.
 
 plus the teacher's mean output W mu_t for the bias. Norm groups accumulate the moments of
 z = norm(x_s) without affine: mean = sum w z / S_w and energy = sum w z^2 / S_w.
@@ -167,12 +168,13 @@ class TaskStatistics:
         alpha: float,
         tokens: int,
         cross_method: str,
+        tf32: bool = False,
         dtype: torch.dtype,
         device: torch.device,
         task: str,
         block: int,
     ) -> None:
-        self.plan, self.expert, self.alpha = plan, expert, float(alpha)
+        self.plan, self.expert, self.alpha, self.tf32 = plan, expert, float(alpha), tf32
         self.task, self.block = task, block
         self.dtype, self.device = dtype, device
         self.method: dict[int, str] = {}
@@ -246,24 +248,24 @@ class TaskStatistics:
                 out_sq=buf["z_sq"],
             )
             return
-        ops.weighted_gram(x2, w, buf["gram"], lower_only=True)
-        ops.weighted_sum(x2, w, buf["sum_s"])
+        ops.weighted_gram(x2, w, buf["gram"], lower_only=True, out_sum=buf["sum_s"], tf32=self.tf32)
         if self.method[i] == "cross":
             xe = self._cache.inputs[group.leader.name]
             xe2 = xe.reshape(-1, xe.shape[-1])
-            ops.weighted_cross(x2, xe2, w, buf["cross"])
-            ops.weighted_sum(xe2, w, buf["sum_e"])
+            ops.weighted_cross(x2, xe2, w, buf["cross"], out_sum_y=buf["sum_e"], tf32=self.tf32)
             return
         for m in group.members:
-            W, b = self.expert[m.name].params(self.dtype, self.device)
             ye = self._cache.outputs[m.name]
-            y = ye.reshape(-1, ye.shape[-1]).to(self.dtype)
-            if b is not None:
-                y = y - b
-            ops.weighted_sum(y, w, buf[f"out:{m.name}"])
+            y = ye.reshape(-1, ye.shape[-1])
+            out_sum = buf[f"out:{m.name}"]
             if self.per_token[i]:
-                y = torch.addmm(y, x2.to(self.dtype), W.mT, beta=self.alpha, alpha=1 - self.alpha)
-            ops.weighted_cross(x2, y, w, buf[f"rhs:{m.name}"])
+                W, _ = self.expert[m.name].params(self.dtype, self.device)
+                ops.weighted_sum(y, w, out_sum)
+                y = torch.addmm(
+                    y.to(self.dtype), x2.to(self.dtype), W.mT, beta=self.alpha, alpha=1 - self.alpha
+                )
+                out_sum = None
+            ops.weighted_cross(x2, y, w, buf[f"rhs:{m.name}"], out_sum_y=out_sum, tf32=self.tf32)
 
     def finish(self) -> list[LinearMoments | NormMoments]:
         """The task's normalised statistics per group, checked for NaN and Inf."""
@@ -295,12 +297,15 @@ class TaskStatistics:
                     teacher.append(W @ mean_t)
             else:
                 for m in group.members:
-                    W, _ = self.expert[m.name].params(self.dtype, self.device)
+                    W, b = self.expert[m.name].params(self.dtype, self.device)
                     q = buf[f"rhs:{m.name}"].div_(total)
+                    mean_out = buf[f"out:{m.name}"].div_(total)
+                    if b is not None:
+                        q.addr_(mean_s, b, alpha=-(self.alpha if self.per_token[i] else 1.0))
+                        mean_out.sub_(b)
                     if not self.per_token[i]:
                         q.mul_(self.alpha).addmm_(gram, W.mT, alpha=1 - self.alpha)
-                    mean_out = buf[f"out:{m.name}"].div_(total).mul_(self.alpha)
-                    mean_out.addmv_(W, mean_s, alpha=1 - self.alpha)
+                    mean_out.mul_(self.alpha).addmv_(W, mean_s, alpha=1 - self.alpha)
                     self._check(group, "expert", q, mean_out)
                     rhs.append(q)
                     teacher.append(mean_out)

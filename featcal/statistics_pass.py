@@ -145,6 +145,7 @@ def statistics_pass(
         alpha=config.teacher_interp_alpha,
         tokens=streams.tokens,
         cross_method=config.cross_method,
+        tf32=config.allow_tf32,
         dtype=dtype,
         device=device,
         task=task,

@@ -9,10 +9,20 @@ import copy
 import pytest
 import torch
 from reference_impl import reference_calibrate
-from tiny_models import BERT, CLIP_VISION, FAMILIES, STACK_ADAPTER, TOY_KINDS, features, registered, setup
+from tiny_models import (
+    BERT,
+    CLIP_VISION,
+    FAMILIES,
+    STACK_ADAPTER,
+    TOY_KINDS,
+    features,
+    make_data,
+    registered,
+    setup,
+)
 from torch import nn
 
-from featcal import FeatCalConfig, calibrate, ops
+from featcal import FeatCalConfig, calibrate, ops, statistics
 
 
 def _fresh_batches(family, seed=99):
@@ -60,6 +70,27 @@ def test_every_cross_method_matches_reference(method, alpha):
     ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)
     calibrate(ours, base=base, experts=experts, data=data, config=cfg)
     reference_calibrate(family, ref, base, experts, data, cfg)
+    _compare(family, ours, ref, merged)
+
+
+def test_project_token_by_token_matches_reference(monkeypatch):
+    """With fewer tokens than inputs, 'project' folds (1 - alpha) x_s W^T in token by token."""
+    per_token = []
+    original = statistics.TaskStatistics.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        per_token.extend(self.per_token.values())
+
+    monkeypatch.setattr(statistics.TaskStatistics, "__init__", spy)
+    family = CLIP_VISION
+    base, experts, merged, _ = setup(family)
+    data = make_data(family, list(experts), batches=1, size=1)
+    cfg = FeatCalConfig(progress=False, cross_method="project")
+    ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)
+    calibrate(ours, base=base, experts=experts, data=data, config=cfg)
+    reference_calibrate(family, ref, base, experts, data, cfg)
+    assert per_token and all(per_token)
     _compare(family, ours, ref, merged)
 
 

@@ -1,0 +1,70 @@
+"""Weighted column sums: out += sum_n w_n x_n for x of shape (n, d).
+
+Program (j, s) owns columns j * BLOCK_D ... and the s-th of up to SPLIT_N slices of the rows, sums in
+float32 and adds atomically into `out`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import INTERPRETED, check_accumulator, check_inputs, on_device, placeholder
+
+
+def reference(x: Tensor, w: Tensor | None = None) -> Tensor:
+    """float64 sum_n w_n x_n."""
+    x64 = x.double()
+    return (x64 if w is None else x64 * w.double()[:, None]).sum(0)
+
+
+BLOCK_D = 128
+BLOCK_N = 32
+# Row slices summed by separate programs (more of them keep a GPU busy when d is small).
+SPLIT_N = 4 if INTERPRETED else 64
+
+
+@triton.jit
+def _weighted_sum_kernel(
+    x_ptr, w_ptr, out_ptr, n, d, stride_n, stride_d,
+    splits, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_cols = cols < d
+    rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
+    row_start = tl.program_id(1) * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(row_start, row_stop, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        in_rows = rows < row_stop
+        rows64 = rows.to(tl.int64)
+        x = tl.load(
+            x_ptr + rows64[:, None] * stride_n + cols[None, :] * stride_d,
+            mask=in_rows[:, None] & in_cols[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_W:
+            x = x * tl.load(w_ptr + rows64, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(x, axis=0)
+    tl.atomic_add(out_ptr + cols, acc, mask=in_cols)
+
+
+def weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
+    """out += sum_n w_n x_n (x: (n, d); out: float32 (d,)); returns out."""
+    check_inputs("weighted_sum", x)
+    n, d = x.shape
+    check_accumulator("weighted_sum", out, (d,), x.device)
+    if w is not None and (w.dim() != 1 or w.shape[0] != n):
+        raise ValueError(f"weighted_sum: w must have shape ({n},), got {tuple(w.shape)}")
+    if n == 0:
+        return out
+    split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))
+    grid = (triton.cdiv(d, BLOCK_D), split)
+    with on_device(x):
+        _weighted_sum_kernel[grid](
+            x, placeholder(x.device) if w is None else w, out, n, d, x.stride(0), x.stride(1), split,
+            HAS_W=w is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        )  # fmt: skip
+    return out

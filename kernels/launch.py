@@ -1,0 +1,64 @@
+"""What every launcher needs: the mode the kernels were built in, argument checks, dot options."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from torch import Tensor
+
+# True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors
+# through Triton's interpreter, and not compiled on a GPU.
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(name: str, *tensors: Tensor) -> None:
+    """Inputs are float32/float16/bfloat16 on one device the kernels can run on."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: tensors on {device} and {t.device}")
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"{name}: tensors on {device} need Triton's interpreter; set TRITON_INTERPRET=1 "
+            "before featcal.kernels is imported"
+        )
+
+
+def check_accumulator(name: str, out: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if out.dtype != torch.float32 or tuple(out.shape) != shape or out.device != device:
+        raise ValueError(
+            f"{name}: accumulator must be float32 {shape} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def dot_options(*dtypes: torch.dtype, tf32: bool = False) -> dict:
+    """UPCAST and PRECISION for kernels that call tl.dot on operands of these dtypes.
+
+    Operands are upcast to float32 before the dot when their dtypes differ, and for bfloat16
+    in the interpreter, whose bf16 dot returns garbage (Triton 3.9). float32 dots use IEEE
+    precision unless `tf32` is asked for.
+    """
+    upcast = len(set(dtypes)) > 1 or (INTERPRETED and torch.bfloat16 in dtypes)
+    return {"UPCAST": upcast, "PRECISION": "tf32" if tf32 and not INTERPRETED else "ieee"}
+
+
+def on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on t's GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+_placeholders: dict[torch.device, Tensor] = {}
+
+
+def placeholder(device: torch.device) -> Tensor:
+    """A one-element float32 tensor passed for pointer arguments a kernel variant never touches."""
+    if device not in _placeholders:
+        _placeholders[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _placeholders[device]
