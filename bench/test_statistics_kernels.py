@@ -1,0 +1,267 @@
+"""Statistics of one task for one transformer block, and the Gram and cross kernels alone.
+
+Block rows: the q/k/v group and the last MLP projection of one block (ViT-B/32: 12,800 tokens
+in batches of 16 x 50, d 768 and 3072; Llama-3-8B: 4,096 tokens in batches of 2 x 1,024,
+d 4096 and 14336), each ending in G_t and Q_t = C_t W_t^T per module, computed three ways:
+
+    reference   the reference code's formulation: per module (q, k and v each), a weighted copy
+                of x_s and of the teacher input, then full matmuls in the activations' dtype
+    torch       featcal's TaskStatistics with FEATCAL_BACKEND=torch
+    triton      featcal's TaskStatistics with the Triton kernels (CUDA only)
+
+Kernel rows time `weighted_gram` (lower tiles) and `weighted_cross` alone at the Llama-3-8B
+shapes. Every row checks its result against the reference before timing. Useful flops: a Gram
+counts n d (d + 1) (its distinct entries), a cross product 2 n dx dy, and the block rows count
+featcal's formulation, so the reference's redundant work shows as a lower rate. "% of peak" is
+against a plain torch.matmul of the same dtype on the same device, measured in the same run.
+
+    pytest bench/ --benchmark-only            (the summary table prints at the end)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from featcal import ops
+from featcal.modules import LINEAR, ModuleRef
+from featcal.statistics import BlockPlan, ExpertCache, Group, TaskStatistics, choose_method
+
+ALPHA = 0.25
+CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    name: str
+    batches: int
+    batch: int
+    tokens: int
+    attn_in: int
+    attn_out: tuple[int, int, int]  # q, k, v widths
+    mlp_in: int
+    mlp_out: int
+    cpu: bool  # small enough to time on a CPU
+
+    @property
+    def n(self) -> int:
+        return self.batches * self.batch * self.tokens
+
+
+VIT_B32 = BlockShape("vit-b32", 16, 16, 50, 768, (768, 768, 768), 3072, 768, cpu=True)
+LLAMA3_8B = BlockShape("llama3-8b", 2, 2, 1024, 4096, (4096, 1024, 1024), 14336, 4096, cpu=False)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class _Case:
+    """Random activations of one block and one task, and expert Linears with their outputs."""
+
+    def __init__(self, shape: BlockShape, dtype: torch.dtype) -> None:
+        gen = torch.Generator().manual_seed(0)
+        dev = _device()
+        self.shape, self.dtype = shape, dtype
+
+        def linear(d_in: int, d_out: int) -> nn.Linear:
+            layer = nn.Linear(d_in, d_out)
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in**0.5)
+                layer.bias.copy_(0.1 * torch.randn(d_out, generator=gen))
+            return layer.to(dev, dtype)
+
+        def states(d: int) -> list[torch.Tensor]:
+            size = (shape.batch, shape.tokens, d)
+            return [torch.randn(size, generator=gen).to(dev, dtype) for _ in range(shape.batches)]
+
+        self.attn = {name: linear(shape.attn_in, d) for name, d in zip("qkv", shape.attn_out)}
+        self.mlp = linear(shape.mlp_in, shape.mlp_out)
+        self.xs_attn, self.xs_mlp = states(shape.attn_in), states(shape.mlp_in)
+        self.xe_attn = [x + 0.1 * torch.randn(x.shape, generator=gen).to(dev, dtype) for x in self.xs_attn]
+        xe_mlp = [x + 0.1 * torch.randn(x.shape, generator=gen).to(dev, dtype) for x in self.xs_mlp]
+        with torch.no_grad():
+            self.ye_mlp = [self.mlp(x) for x in xe_mlp]
+            self.ye_attn = {name: [m(x) for x in self.xe_attn] for name, m in self.attn.items()}
+        self.xe_mlp = xe_mlp
+        self.modules = {**self.attn, "mlp": self.mlp}
+        self._want = None
+
+    def want(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._want is None:
+            self._want = self.reference()
+        return self._want
+
+    def useful_flops(self) -> float:
+        """Flops of featcal's formulation (the cheaper right-hand side per group)."""
+        total = 0.0
+        n = self.shape.n
+        for group in self._groups():
+            d, big_d = group.d_in, group.d_out
+            total += n * d * (d + 1)
+            if choose_method(group, n, ALPHA, "auto") == "cross":
+                total += 2 * n * d * d + 2 * d * d * big_d
+            else:
+                total += 2 * n * d * big_d + 2 * d * d * big_d
+        return total
+
+    def _groups(self) -> list[Group]:
+        attn = [ModuleRef(name, LINEAR, m) for name, m in self.attn.items()]
+        return [Group(LINEAR, attn, None), Group(LINEAR, [ModuleRef("mlp", LINEAR, self.mlp)], None)]
+
+    def featcal(self, tf32: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """G_t and Q_t per module through featcal's TaskStatistics."""
+        groups = self._groups()
+        expert = {ref.name: ref for g in groups for ref in g.members}
+        stats = TaskStatistics(
+            BlockPlan(groups, "mlp"), expert, alpha=ALPHA, tokens=self.shape.n, cross_method="auto",
+            tf32=tf32, dtype=torch.float32, device=_device(), task="bench", block=0,
+        )  # fmt: skip
+        cache = ExpertCache()
+        cache.need_inputs, cache.need_outputs = stats.needs()
+        for b in range(self.shape.batches):
+            cache.inputs["q"], cache.outputs["mlp"] = self.xe_attn[b], self.ye_mlp[b]
+            cache.outputs.update({name: ye[b] for name, ye in self.ye_attn.items()})
+            stats.begin_batch(None, cache)
+            stats.accumulate(0, self.xs_attn[b])
+            stats.accumulate(1, self.xs_mlp[b])
+            stats.end_batch()
+        out = {}
+        for moments in stats.finish():
+            for k, ref in enumerate(moments.group.members):
+                out[ref.name] = (moments.gram, moments.rhs[k])
+        _sync()
+        return out
+
+    def reference(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The reference's per-module formulation, in the activations' dtype."""
+        acc: dict[str, dict] = {}
+        for b in range(self.shape.batches):
+            for name in self.modules:
+                xs, xe = (
+                    (self.xs_mlp[b], self.xe_mlp[b]) if name == "mlp" else (self.xs_attn[b], self.xe_attn[b])
+                )
+                xs, xe = xs.reshape(-1, xs.shape[-1]), xe.reshape(-1, xe.shape[-1])
+                w = torch.ones(xs.shape[0], 1, device=xs.device, dtype=xs.dtype)
+                xt = ALPHA * xe + (1 - ALPHA) * xs
+                update = {"G": xs.T @ (xs * w), "C": xs.T @ (xt * w), "s": (xs * w).sum(0), "n": w.sum()}
+                a = acc.setdefault(name, {})
+                for key, value in update.items():
+                    a[key] = a[key] + value if key in a else value
+        out = {}
+        for name, a in acc.items():
+            weight = self.modules[name].weight
+            out[name] = (a["G"] / a["n"], (a["C"] / a["n"]) @ weight.T)
+        _sync()
+        return out
+
+
+_cases: dict = {}
+
+
+def _case(shape: BlockShape, dtype: torch.dtype) -> _Case:
+    if (shape, dtype) not in _cases:
+        _cases.clear()  # one case in memory at a time
+        _cases[(shape, dtype)] = _Case(shape, dtype)
+    return _cases[(shape, dtype)]
+
+
+def _check(got: dict, want: dict, tol: float) -> None:
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            assert err < tol, f"{name}: relative difference {err:.1e}"
+
+
+def _time(benchmark, fn, rounds: int) -> float:
+    """Median seconds of `fn`, run once before (the correctness check) to compile and autotune."""
+    benchmark.pedantic(fn, rounds=rounds, iterations=1)
+    return benchmark.stats.stats.median
+
+
+def _tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+    # the reference multiplies in the activations' dtype; bf16 rounds every product sum to 8 bits
+    return {torch.float32: 3e-3 if tf32 else 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+BLOCK_ROWS = [
+    pytest.param(shape, dtype, impl, id=f"{shape.name}-{str(dtype)[6:]}-{impl}")
+    for shape, dtype in ((VIT_B32, torch.float32), (VIT_B32, torch.bfloat16), (LLAMA3_8B, torch.bfloat16))
+    for impl in ("reference", "torch", "triton", "triton-tf32")
+    if not (impl == "triton-tf32" and dtype != torch.float32)
+]
+
+
+@pytest.mark.parametrize("shape,dtype,impl", BLOCK_ROWS)
+def test_block_statistics(benchmark, summary, monkeypatch, shape, dtype, impl):
+    if not shape.cpu and not CUDA:
+        pytest.skip(f"{shape.name} needs a GPU")
+    if impl.startswith("triton"):
+        _need_compiled_triton()
+    if not CUDA and dtype != torch.float32:
+        pytest.skip("16-bit models are timed on a GPU only")
+    monkeypatch.setenv("FEATCAL_BACKEND", "triton" if impl.startswith("triton") else "torch")
+    case = _case(shape, dtype)
+    tf32 = impl == "triton-tf32"
+    fn = case.reference if impl == "reference" else (lambda: case.featcal(tf32=tf32))
+    _check(fn(), case.want(), _tolerance(dtype, tf32))
+    seconds = _time(benchmark, fn, rounds=5 if CUDA else 2)
+    summary.add(f"block {shape.name} {str(dtype)[6:]}", impl, seconds, case.useful_flops(), dtype)
+
+
+KERNEL_ROWS = [
+    pytest.param(op, n, dx, dy, impl, id=f"{op}-{dx}x{dy}-{impl}")
+    for op, n, dx, dy in (
+        ("gram", 4096, 4096, 4096),
+        ("gram", 4096, 14336, 14336),
+        ("cross", 4096, 4096, 4096),
+        ("cross", 4096, 14336, 4096),
+    )
+    for impl in ("torch", "triton")
+]
+
+
+@pytest.mark.parametrize("op,n,dx,dy,impl", KERNEL_ROWS)
+def test_kernel_bf16(benchmark, summary, monkeypatch, op, n, dx, dy, impl):
+    if not CUDA:
+        pytest.skip("Llama-3-8B kernel shapes need a GPU")
+    if impl == "triton":
+        _need_compiled_triton()
+    monkeypatch.setenv("FEATCAL_BACKEND", impl)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, dx, generator=gen).cuda().bfloat16()
+    y = x if op == "gram" else torch.randn(n, dy, generator=gen).cuda().bfloat16()
+    w = torch.rand(n, generator=gen).cuda()
+    out = torch.zeros(dx, dy, device="cuda")
+
+    def run():
+        out.zero_()
+        if op == "gram":
+            ops.complete_gram(ops.weighted_gram(x, w, out, lower_only=True))
+        else:
+            ops.weighted_cross(x, y, w, out)
+        _sync()
+
+    run()
+    want = (x.float() * w[:, None]).T @ y.float()
+    assert ((out - want).norm() / want.norm()).item() < 1e-2
+    flops = n * dx * (dx + 1) if op == "gram" else 2 * n * dx * dy
+    seconds = _time(benchmark, run, rounds=10)
+    summary.add(f"{op} n={n} {dx}x{dy} bf16", impl, seconds, flops, torch.bfloat16)
+
+
+def _need_compiled_triton() -> None:
+    if not CUDA:
+        pytest.skip("the Triton kernels are timed on a GPU only (the interpreter is a test tool)")
+    from featcal import kernels
+
+    if kernels.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set")
