@@ -134,7 +134,7 @@ def weighted_gram(
     if out_sum is not None:
         _accumulator(out_sum, (d,), x)
     if w is not None:
-        _weights(w, n, out.dtype)
+        _check_weights(w, n)
     kernels = _kernels_for("weighted_gram", out, x)
     if kernels is not None:
         return kernels.weighted_gram(x, w, out, lower_only=lower_only, out_sum=out_sum, tf32=tf32)
@@ -187,13 +187,13 @@ def weighted_cross(
     if out_sum_y is not None:
         _accumulator(out_sum_y, (y.shape[1],), x)
     if w is not None:
-        _weights(w, x.shape[0], out.dtype)
+        _check_weights(w, x.shape[0])
     kernels = _kernels_for("weighted_cross", out, x, y)
     if kernels is not None:
         return kernels.weighted_cross(x, y, w, out, out_sum_y=out_sum_y, tf32=tf32)
     ya = y.to(out.dtype)
     if out_sum_y is not None:
-        weighted_sum(ya, w, out_sum_y)
+        _torch_weighted_sum(ya, w, out_sum_y)
     return out.addmm_(_apply_weights(x.to(out.dtype), w).mT, ya)
 
 
@@ -202,14 +202,17 @@ def weighted_sum(x: Tensor, w: Tensor | None = None, out: Tensor | None = None) 
     x = _matrix(x, "x")
     out = _accumulator(out, (x.shape[1],), x)
     if w is not None:
-        _weights(w, x.shape[0], out.dtype)
+        _check_weights(w, x.shape[0])
     kernels = _kernels_for("weighted_sum", out, x)
     if kernels is not None:
         return kernels.weighted_sum(x, w, out)
-    xa = x.to(out.dtype)
+    return _torch_weighted_sum(x.to(out.dtype), w, out)
+
+
+def _torch_weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
     if w is None:
-        return out.add_(xa.sum(0))
-    return out.addmv_(xa.mT, _weights(w, x.shape[0], out.dtype))
+        return out.add_(x.sum(0))
+    return out.addmv_(x.mT, w.to(out.dtype))
 
 
 def norm_moments(
@@ -231,7 +234,7 @@ def norm_moments(
     out_sum = _accumulator(out_sum, (d,), x)
     out_sq = _accumulator(out_sq, (d,), x)
     if w is not None:
-        _weights(w, x.shape[0], out_sum.dtype)
+        _check_weights(w, x.shape[0])
     kernels = _kernels_for("norm_moments", out_sum, x, out_sq)
     if kernels is not None:
         return kernels.norm_moments(x, w, out_sum, out_sq, rms=rms, eps=eps)
@@ -354,11 +357,10 @@ def _accumulator(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tenso
     return out
 
 
-def _weights(w: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+def _check_weights(w: Tensor, n: int) -> None:
     if w.dim() != 1 or w.shape[0] != n:
         raise FeatCalError(f"w must have shape ({n},), got {tuple(w.shape)}")
-    return w.to(dtype)
 
 
 def _apply_weights(x: Tensor, w: Tensor | None) -> Tensor:
-    return x if w is None else x * _weights(w, x.shape[0], x.dtype).unsqueeze(1)
+    return x if w is None else x * w.to(x.dtype).unsqueeze(1)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRETED, check_accumulator, check_inputs, on_device, placeholder
+from .launch import INTERPRETED, check_accumulator, check_inputs, check_weights, on_device, placeholder
 
 
 def reference(x: Tensor, w: Tensor | None = None) -> Tensor:
@@ -56,8 +56,7 @@ def weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
     check_inputs("weighted_sum", x)
     n, d = x.shape
     check_accumulator("weighted_sum", out, (d,), x.device)
-    if w is not None and (w.dim() != 1 or w.shape[0] != n):
-        raise ValueError(f"weighted_sum: w must have shape ({n},), got {tuple(w.shape)}")
+    check_weights("weighted_sum", w, n, x.device)
     if n == 0:
         return out
     split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))

@@ -38,6 +38,11 @@ def check_accumulator(name: str, out: Tensor, shape: tuple[int, ...], device: to
         )
 
 
+def check_weights(name: str, w: Tensor | None, n: int, device: torch.device) -> None:
+    if w is not None and (w.dim() != 1 or w.shape[0] != n or w.device != device):
+        raise ValueError(f"{name}: w must have shape ({n},) on {device}, got {tuple(w.shape)} on {w.device}")
+
+
 def dot_options(*dtypes: torch.dtype, tf32: bool = False) -> dict:
     """UPCAST and PRECISION for kernels that call tl.dot on operands of these dtypes.
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_accumulator, check_inputs, on_device, placeholder
+from .launch import check_accumulator, check_inputs, check_weights, on_device, placeholder
 
 
 def reference(
@@ -88,8 +88,7 @@ def norm_moments(
     n, d = x.shape
     check_accumulator("norm_moments", out_sum, (d,), x.device)
     check_accumulator("norm_moments", out_sq, (d,), x.device)
-    if w is not None and (w.dim() != 1 or w.shape[0] != n):
-        raise ValueError(f"norm_moments: w must have shape ({n},), got {tuple(w.shape)}")
+    check_weights("norm_moments", w, n, x.device)
     if n == 0:
         return out_sum, out_sq
     with on_device(x):

@@ -14,12 +14,19 @@ when accumulation ends.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRETED, check_accumulator, check_inputs, dot_options, on_device, placeholder
+from .launch import (
+    INTERPRETED,
+    check_accumulator,
+    check_inputs,
+    check_weights,
+    dot_options,
+    on_device,
+    placeholder,
+)
 
 
 def reference(x: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
@@ -183,11 +190,6 @@ def _launch(
     return out
 
 
-def _check_weights(name: str, w: Tensor | None, n: int, device: torch.device) -> None:
-    if w is not None and (w.dim() != 1 or w.shape[0] != n or w.device != device):
-        raise ValueError(f"{name}: w must have shape ({n},) on {device}, got {tuple(w.shape)} on {w.device}")
-
-
 def weighted_gram(
     x: Tensor,
     w: Tensor | None,
@@ -207,7 +209,7 @@ def weighted_gram(
     check_accumulator("weighted_gram", out, (d, d), x.device)
     if out_sum is not None:
         check_accumulator("weighted_gram sum", out_sum, (d,), x.device)
-    _check_weights("weighted_gram", w, n, x.device)
+    check_weights("weighted_gram", w, n, x.device)
     _launch(x, x, w, out, out_sum, None, lower=lower_only, tf32=tf32)
     return out
 
@@ -230,7 +232,7 @@ def weighted_cross(
     check_accumulator("weighted_cross", out, (dx, y.shape[1]), x.device)
     if out_sum_y is not None:
         check_accumulator("weighted_cross sum", out_sum_y, (y.shape[1],), x.device)
-    _check_weights("weighted_cross", w, n, x.device)
+    check_weights("weighted_cross", w, n, x.device)
     _launch(x, y, w, out, None, out_sum_y, lower=False, tf32=tf32)
     return out
 
