@@ -32,6 +32,7 @@ def _weighted_sum_kernel(
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_cols = cols < d
+    col_off = cols.to(tl.int64) * stride_d
     rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
     row_start = tl.program_id(1) * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, n)
@@ -41,7 +42,7 @@ def _weighted_sum_kernel(
         in_rows = rows < row_stop
         rows64 = rows.to(tl.int64)
         x = tl.load(
-            x_ptr + rows64[:, None] * stride_n + cols[None, :] * stride_d,
+            x_ptr + rows64[:, None] * stride_n + col_off[None, :],
             mask=in_rows[:, None] & in_cols[None, :],
             other=0.0,
         ).to(tl.float32)

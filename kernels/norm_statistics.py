@@ -47,14 +47,14 @@ def _norm_moments_kernel(
         for start in range(0, d, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = in_rows[:, None] & (cols < d)[None, :]
-            x = tl.load(row_ptr + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
             mean += tl.sum(x, axis=1)
         mean = mean / d
     var = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         mask = in_rows[:, None] & (cols < d)[None, :]
-        x = tl.load(row_ptr + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, x - mean[:, None], 0.0)
         var += tl.sum(centred * centred, axis=1)
     rstd = 1.0 / tl.sqrt(var / d + eps)
@@ -66,7 +66,7 @@ def _norm_moments_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         in_cols = cols < d
         mask = in_rows[:, None] & in_cols[None, :]
-        x = tl.load(row_ptr + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean[:, None]) * rstd[:, None]
         wz = tl.where(mask, z * wn[:, None], 0.0)
         tl.atomic_add(sum_ptr + cols, tl.sum(wz, axis=0), mask=in_cols)

@@ -78,6 +78,8 @@ def _weighted_product_kernel(
     cols_y = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_x = cols_x < dx
     in_y = cols_y < dy
+    col_off_x = cols_x.to(tl.int64) * stride_xd
+    col_off_y = cols_y.to(tl.int64) * stride_yd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sy = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -86,12 +88,12 @@ def _weighted_product_kernel(
         in_rows = rows < row_stop
         rows64 = rows.to(tl.int64)
         a = tl.load(
-            x_ptr + rows64[:, None] * stride_xn + cols_x[None, :] * stride_xd,
+            x_ptr + rows64[:, None] * stride_xn + col_off_x[None, :],
             mask=in_rows[:, None] & in_x[None, :],
             other=0.0,
         )
         b = tl.load(
-            y_ptr + rows64[:, None] * stride_yn + cols_y[None, :] * stride_yd,
+            y_ptr + rows64[:, None] * stride_yn + col_off_y[None, :],
             mask=in_rows[:, None] & in_y[None, :],
             other=0.0,
         )
@@ -110,7 +112,7 @@ def _weighted_product_kernel(
             acc = tl.dot(tl.trans(aw), b.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(aw.to(a.dtype)), b, acc, input_precision=PRECISION)
-    out_ptrs = out_ptr + cols_x.to(tl.int64)[:, None] * stride_om + cols_y[None, :] * stride_on
+    out_ptrs = out_ptr + cols_x.to(tl.int64)[:, None] * stride_om + cols_y.to(tl.int64)[None, :] * stride_on
     in_out = in_x[:, None] & in_y[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, tl.load(out_ptrs, mask=in_out) + acc, mask=in_out)
