@@ -133,8 +133,7 @@ def weighted_gram(
     out = _accumulator(out, (d, d), x)
     if out_sum is not None:
         _accumulator(out_sum, (d,), x)
-    if w is not None:
-        _check_weights(w, n)
+    _check_weights(w, n)
     kernels = _kernels_for("weighted_gram", out, x)
     if kernels is not None:
         return kernels.weighted_gram(x, w, out, lower_only=lower_only, out_sum=out_sum, tf32=tf32)
@@ -186,8 +185,7 @@ def weighted_cross(
     out = _accumulator(out, (x.shape[1], y.shape[1]), x)
     if out_sum_y is not None:
         _accumulator(out_sum_y, (y.shape[1],), x)
-    if w is not None:
-        _check_weights(w, x.shape[0])
+    _check_weights(w, x.shape[0])
     kernels = _kernels_for("weighted_cross", out, x, y)
     if kernels is not None:
         return kernels.weighted_cross(x, y, w, out, out_sum_y=out_sum_y, tf32=tf32)
@@ -201,8 +199,7 @@ def weighted_sum(x: Tensor, w: Tensor | None = None, out: Tensor | None = None) 
     """out += sum_n w_n x_n for x (n, d); returns out (d,)."""
     x = _matrix(x, "x")
     out = _accumulator(out, (x.shape[1],), x)
-    if w is not None:
-        _check_weights(w, x.shape[0])
+    _check_weights(w, x.shape[0])
     kernels = _kernels_for("weighted_sum", out, x)
     if kernels is not None:
         return kernels.weighted_sum(x, w, out)
@@ -233,8 +230,7 @@ def norm_moments(
     d = x.shape[1]
     out_sum = _accumulator(out_sum, (d,), x)
     out_sq = _accumulator(out_sq, (d,), x)
-    if w is not None:
-        _check_weights(w, x.shape[0])
+    _check_weights(w, x.shape[0])
     kernels = _kernels_for("norm_moments", out_sum, x, out_sq)
     if kernels is not None:
         return kernels.norm_moments(x, w, out_sum, out_sq, rms=rms, eps=eps)
@@ -357,8 +353,8 @@ def _accumulator(out: Tensor | None, shape: tuple[int, ...], x: Tensor) -> Tenso
     return out
 
 
-def _check_weights(w: Tensor, n: int) -> None:
-    if w.dim() != 1 or w.shape[0] != n:
+def _check_weights(w: Tensor | None, n: int) -> None:
+    if w is not None and (w.dim() != 1 or w.shape[0] != n):
         raise FeatCalError(f"w must have shape ({n},), got {tuple(w.shape)}")
 
 

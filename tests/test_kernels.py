@@ -228,3 +228,14 @@ def test_int64_offsets_on_gpu():
     gram = kernels.weighted_gram(x, None, torch.zeros(64, 64, device="cuda"))
     want = weighted_product.reference(x[-3:], x[-3:])
     _assert_close(gram, want, _abs_bound(x[-3:], x[-3:], None), 1e-5, "gram past 2^31")
+
+
+def test_bf16_upcast_only_in_the_interpreter():
+    """The interpreter's bf16 dot is wrong (Triton 3.9), so bf16 operands are upcast there;
+    compiled kernels keep bf16 on the matrix units. Mixed dtypes are upcast everywhere."""
+    from featcal.kernels.launch import dot_options
+
+    assert dot_options(torch.bfloat16, torch.bfloat16)["UPCAST"] == kernels.INTERPRETED
+    assert not dot_options(torch.float16, torch.float16)["UPCAST"]
+    assert dot_options(torch.bfloat16, torch.float32)["UPCAST"]
+    assert dot_options(torch.float32, tf32=True)["PRECISION"] == ("ieee" if kernels.INTERPRETED else "tf32")
