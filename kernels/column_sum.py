@@ -10,7 +10,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRETED, check_accumulator, check_inputs, check_weights, on_device, placeholder
+from .launch import (
+    INTERPRETED,
+    check_accumulator,
+    check_inputs,
+    check_weights,
+    load_tile,
+    on_device,
+    placeholder,
+)
 
 
 def reference(x: Tensor, w: Tensor | None = None) -> Tensor:
@@ -40,14 +48,9 @@ def _weighted_sum_kernel(
     for start in range(row_start, row_stop, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         in_rows = rows < row_stop
-        rows64 = rows.to(tl.int64)
-        x = tl.load(
-            x_ptr + rows64[:, None] * stride_n + col_off[None, :],
-            mask=in_rows[:, None] & in_cols[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        x = load_tile(x_ptr, rows, in_rows, stride_n, col_off, in_cols).to(tl.float32)
         if HAS_W:
-            x = x * tl.load(w_ptr + rows64, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+            x = x * tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)[:, None]
         acc += tl.sum(x, axis=0)
     tl.atomic_add(out_ptr + cols, acc, mask=in_cols)
 

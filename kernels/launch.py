@@ -1,4 +1,5 @@
-"""What every launcher needs: the mode the kernels were built in, argument checks, dot options."""
+"""What every kernel file needs: the mode the kernels were built in, argument checks, dot options,
+and the strided tile load."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 # True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors
@@ -67,3 +69,13 @@ def placeholder(device: torch.device) -> Tensor:
     if device not in _placeholders:
         _placeholders[device] = torch.zeros(1, dtype=torch.float32, device=device)
     return _placeholders[device]
+
+
+@triton.jit
+def load_tile(ptr, rows, in_rows, stride_rows, col_offsets, in_cols):
+    """The (rows x columns) tile of a strided matrix at int64 element offsets, 0 where masked."""
+    return tl.load(
+        ptr + rows.to(tl.int64)[:, None] * stride_rows + col_offsets[None, :],
+        mask=in_rows[:, None] & in_cols[None, :],
+        other=0.0,
+    )

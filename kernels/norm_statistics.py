@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_accumulator, check_inputs, check_weights, on_device, placeholder
+from .launch import check_accumulator, check_inputs, check_weights, load_tile, on_device, placeholder
 
 
 def reference(
@@ -41,21 +41,19 @@ def _norm_moments_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < n
-    row_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_n
     mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if not RMS:
         for start in range(0, d, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            mask = in_rows[:, None] & (cols < d)[None, :]
-            x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-            mean += tl.sum(x, axis=1)
+            x = load_tile(x_ptr, rows, in_rows, stride_n, cols.to(tl.int64) * stride_d, cols < d)
+            mean += tl.sum(x.to(tl.float32), axis=1)
         mean = mean / d
     var = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
+        x = load_tile(x_ptr, rows, in_rows, stride_n, cols.to(tl.int64) * stride_d, cols < d)
         mask = in_rows[:, None] & (cols < d)[None, :]
-        x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        centred = tl.where(mask, x - mean[:, None], 0.0)
+        centred = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)
         var += tl.sum(centred * centred, axis=1)
     rstd = 1.0 / tl.sqrt(var / d + eps)
     if HAS_W:
@@ -66,8 +64,8 @@ def _norm_moments_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         in_cols = cols < d
         mask = in_rows[:, None] & in_cols[None, :]
-        x = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean[:, None]) * rstd[:, None]
+        x = load_tile(x_ptr, rows, in_rows, stride_n, cols.to(tl.int64) * stride_d, in_cols)
+        z = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
         wz = tl.where(mask, z * wn[:, None], 0.0)
         tl.atomic_add(sum_ptr + cols, tl.sum(wz, axis=0), mask=in_cols)
         tl.atomic_add(sq_ptr + cols, tl.sum(wz * z, axis=0), mask=in_cols)

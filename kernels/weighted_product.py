@@ -24,6 +24,7 @@ from .launch import (
     check_inputs,
     check_weights,
     dot_options,
+    load_tile,
     on_device,
     placeholder,
 )
@@ -86,19 +87,10 @@ def _weighted_product_kernel(
     for start in range(row_start, row_stop, BLOCK_K):
         rows = start + tl.arange(0, BLOCK_K)
         in_rows = rows < row_stop
-        rows64 = rows.to(tl.int64)
-        a = tl.load(
-            x_ptr + rows64[:, None] * stride_xn + col_off_x[None, :],
-            mask=in_rows[:, None] & in_x[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            y_ptr + rows64[:, None] * stride_yn + col_off_y[None, :],
-            mask=in_rows[:, None] & in_y[None, :],
-            other=0.0,
-        )
+        a = load_tile(x_ptr, rows, in_rows, stride_xn, col_off_x, in_x)
+        b = load_tile(y_ptr, rows, in_rows, stride_yn, col_off_y, in_y)
         if HAS_W:
-            wk = tl.load(w_ptr + rows64, mask=in_rows, other=0.0).to(tl.float32)
+            wk = tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
             aw = a.to(tl.float32) * wk[:, None]
             if SUM_Y:
                 sy += tl.sum(b.to(tl.float32) * wk[:, None], axis=0)
