@@ -2,6 +2,7 @@
 
     featcal merge --method ta --base BASE --experts t1=DIR t2=DIR --out MERGED
     featcal calibrate --base BASE --merged MERGED --experts t1=DIR ... --data t1=FILE ... --out OUT
+    featcal backends          (builds featcal._C if needed; what serves each op)
 
 Bad input exits with status 2 and a one-line message naming what is wrong; outputs are
 written under a temporary name and renamed when complete.
@@ -14,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import extension, ops
 from .config import FeatCalConfig
 from .errors import FeatCalError
 
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", choices=["ta", "ties"], default="ta")
     merge.add_argument("--scaling", type=float, help="scaling of the merged task vector (ta: 0.3, ties: 1.0)")
     merge.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
+
+    sub.add_parser("backends", help="build featcal._C if needed and say what serves each op")
 
     cal = sub.add_parser("calibrate", help="calibrate a merged model with FeatCal")
     _common(cal)
@@ -127,11 +131,18 @@ def run_calibrate(args) -> None:
     print(f"wrote {args.out} (report: {args.out / 'featcal_report.json'})")
 
 
+def run_backends(args: argparse.Namespace) -> None:
+    for op, where in ops.backend_info().items():
+        print(f"{op:<15} cpu: {where['cpu']:<20} cuda: {where['cuda']}")
+    module = extension.load()
+    print(f"featcal._C: {module.__file__}" if module else f"featcal._C: unavailable ({extension.error()})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="featcal: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        {"merge": run_merge, "calibrate": run_calibrate}[args.command](args)
+        {"merge": run_merge, "calibrate": run_calibrate, "backends": run_backends}[args.command](args)
     except FeatCalError as err:
         print(f"featcal: error: {err}", file=sys.stderr)
         return 2

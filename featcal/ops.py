@@ -10,26 +10,34 @@ tensors, PyTorch for CPU tensors), `torch` (the pure PyTorch reference everywher
 (`featcal.kernels`) are imported on first use; under `auto` a failed import falls back to
 PyTorch with a one-line warning.
 
+The solves (`ridge_solve`, `assemble`) run in the compiled extension featcal._C on every
+device unless FEATCAL_BACKEND is `torch`; it is built on first use (featcal.extension), and
+when it cannot be built PyTorch serves with a one-line warning.
+
 Accumulators are float32, or float64 when the inputs are float64, whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from . import extension
 from .errors import FeatCalError
 
 log = logging.getLogger("featcal")
 
 BACKENDS = ("auto", "torch", "triton")
 STATISTICS_OPS = ("weighted_gram", "complete_gram", "weighted_cross", "weighted_sum", "norm_moments")
-OPS = (*STATISTICS_OPS, "ridge_solve")
+SOLVER_OPS = ("assemble", "ridge_solve")
+OPS = (*STATISTICS_OPS, *SOLVER_OPS)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile of the lower-triangle Gram: (1 + d / GRAM_TILE) / 2 tiles of d / GRAM_TILE per row,
@@ -101,10 +109,13 @@ def _kernels_for(op: str, out: Tensor, *inputs: Tensor) -> ModuleType | None:
 
 def backend_info() -> dict[str, dict[str, str]]:
     """Which implementation serves each op on each device type, for float32, float16 and
-    bfloat16 inputs (float64 always runs in PyTorch), e.g. {"weighted_gram": {"cpu": "torch",
-    "cuda": "triton"}}. `served` counts the calls each implementation really took."""
-    stats = {dev: _triton_serves(torch.device(dev)) for dev in ("cpu", "cuda")}
-    return {op: dict(stats) if op in STATISTICS_OPS else {"cpu": "torch", "cuda": "torch"} for op in OPS}
+    bfloat16 inputs (float64 statistics always run in PyTorch), e.g. {"weighted_gram": {"cpu":
+    "torch", "cuda": "triton"}, "ridge_solve": {"cpu": "cpp", "cuda": "cpp"}}. Asking builds
+    featcal._C if needed. `served` counts the calls each implementation really took."""
+    devices = [torch.device(dev) for dev in ("cpu", "cuda")]
+    stats = {dev.type: _triton_serves(dev) for dev in devices}
+    solver = {dev.type: _solver_serves(dev) for dev in devices}
+    return {op: dict(stats if op in STATISTICS_OPS else solver) for op in OPS}
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -245,29 +256,103 @@ def norm_moments(
     return out_sum, out_sq
 
 
-def ridge_solve(A: Tensor, B: Tensor, ridge: float = 0.0) -> Tensor:
-    """Solve (A + ridge I) X = B for symmetric positive definite A.
+def _solver_serves(device: torch.device) -> str:
+    """'cpp' (featcal._C) or 'torch' for ridge_solve and assemble on this device type."""
+    if requested_backend() == "torch":
+        return "torch"
+    return "cpp" if extension.load() is not None else "torch"
 
-    A: (..., d, d); B: (..., d, m) or (..., d); leading dimensions are a batch. Works in
-    float64 if either input is float64, else float32, and returns that dtype.
-    Cholesky first; a system whose factorisation fails is retried with diagonal jitter
-    growing from 1e-10 to 1e-2 of its mean diagonal, then solved by an eigendecomposition
-    pseudo-inverse. Each fallback is logged at WARNING.
+
+def _extension_for(op: str, device: torch.device) -> ModuleType | None:
+    impl = _solver_serves(device)
+    served[(op, impl)] += 1
+    return extension.load() if impl == "cpp" else None
+
+
+def assemble(A: Tensor, G: Tensor, eps: float) -> float:
+    """A += G / n with n = max(||G||_F, eps) (one task's Gram folded into a group's sum, s.4);
+    returns n. A is left untouched when n is 0."""
+    if A.shape != G.shape or A.dtype != G.dtype:
+        raise FeatCalError(
+            f"assemble: A {tuple(A.shape)} {A.dtype} and G {tuple(G.shape)} {G.dtype} must match"
+        )
+    ext = _extension_for("assemble", A.device) if A.dtype in (torch.float32, torch.float64) else None
+    if ext is not None:
+        return ext.assemble(A, G, eps)
+    # float64 sums of float32 squares, a band of rows at a time (no float64 copy of G)
+    rows = G.reshape(-1, G.shape[-1]).split(256)
+    n = max(math.sqrt(sum(float(band.double().square().sum()) for band in rows)), eps)
+    if n > 0:
+        A.add_(G, alpha=1.0 / n)
+    return n
+
+
+def ridge_solve(A: Tensor, B: Tensor | Sequence[Tensor], ridge: float = 0.0) -> Tensor:
+    """Solve (A + ridge I) X = B for symmetric positive definite A (only its lower triangle is read).
+
+    A: (..., d, d); B: (..., d, m) or (..., d), or a list of (..., d, m_i) right-hand sides
+    solved side by side (X's columns in that order; featcal._C reads them without concatenating).
+    Leading dimensions are a batch. Works in float64 if any input is float64, else float32, and
+    returns that dtype. Cholesky first; a system whose factorisation fails is retried with
+    diagonal jitter growing from 1e-10 to 1e-2 of its mean diagonal, then solved by an
+    eigendecomposition pseudo-inverse. Each fallback step is logged at WARNING. featcal._C
+    serves when it loads (in place, in one d x d workspace); the PyTorch implementation below
+    otherwise.
     """
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise FeatCalError(f"ridge_solve: A must be square (..., d, d), got shape {tuple(A.shape)}")
-    vector = B.dim() == A.dim() - 1
-    if not vector and B.dim() != A.dim():
-        raise FeatCalError(
-            f"ridge_solve: B of shape {tuple(B.shape)} does not fit A of shape {tuple(A.shape)}"
-        )
-    if B.shape[: A.dim() - 2] != A.shape[:-2] or B.shape[A.dim() - 2] != A.shape[-1]:
-        raise FeatCalError(
-            f"ridge_solve: B of shape {tuple(B.shape)} does not fit A of shape {tuple(A.shape)}"
-        )
-    for name, t in (("A", A), ("B", B)):
+    vector = isinstance(B, Tensor) and B.dim() == A.dim() - 1
+    parts = [B.unsqueeze(-1) if vector else B] if isinstance(B, Tensor) else list(B)
+    if not parts:
+        raise FeatCalError("ridge_solve: no right-hand side given")
+    for t in (A, *parts):
         if not t.is_floating_point():
-            raise FeatCalError(f"ridge_solve: {name} must be floating point, got {t.dtype}")
+            raise FeatCalError(f"ridge_solve: {'A' if t is A else 'B'} must be floating point, got {t.dtype}")
+    for part in parts:
+        if part.dim() != A.dim() or part.shape[:-1] != A.shape[:-1]:
+            shape = tuple(B.shape) if vector else tuple(part.shape)
+            raise FeatCalError(f"ridge_solve: B of shape {shape} does not fit A of shape {tuple(A.shape)}")
+    ext = _extension_for("ridge_solve", A.device)
+    if ext is None:
+        X, steps = _torch_ridge_solve(A, parts[0] if len(parts) == 1 else torch.cat(parts, -1), ridge)
+    else:
+        try:
+            X, steps = ext.ridge_solve(A, parts, float(ridge), list(JITTER_STEPS))
+        except RuntimeError as exc:  # the extension's input checks
+            raise FeatCalError(str(exc).strip().splitlines()[0]) from exc
+    _log_fallbacks(steps, A.shape[-1])
+    return X.squeeze(-1) if vector else X
+
+
+def _log_fallbacks(steps: Tensor, d: int) -> None:
+    """Log each jitter step tried and the systems left to the pseudo-inverse; `steps` holds per
+    system the step that factorised it (0: none, k: JITTER_STEPS[k - 1], else pseudo-inverse)."""
+    steps = steps.flatten()
+    total = steps.numel()
+    for k, rel in enumerate(JITTER_STEPS, start=1):
+        tried = int((steps >= k).sum())
+        if tried:
+            log.warning(
+                "ridge_solve: Cholesky failed for %d of %d systems (d=%d); retried with diagonal "
+                "jitter %.0e x mean diagonal",
+                tried,
+                total,
+                d,
+                rel,
+            )
+    failed = int((steps > len(JITTER_STEPS)).sum())
+    if failed:
+        log.warning(
+            "ridge_solve: %d of %d systems (d=%d) still fail with jitter; "
+            "solving them by eigendecomposition pseudo-inverse",
+            failed,
+            total,
+            d,
+        )
+
+
+def _torch_ridge_solve(A: Tensor, B: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """ridge_solve in PyTorch: (X, steps) for A (..., d, d) and B (..., d, m)."""
     dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype) else torch.float32
     if not all_finite(A):
         raise FeatCalError(f"ridge_solve: A of shape {tuple(A.shape)} contains NaN or Inf")
@@ -275,50 +360,35 @@ def ridge_solve(A: Tensor, B: Tensor, ridge: float = 0.0) -> Tensor:
     M = A.to(dtype=dtype, copy=True).reshape(-1, d, d)
     if ridge:
         M.diagonal(dim1=-2, dim2=-1).add_(ridge)
-    rhs = (B.unsqueeze(-1) if vector else B).to(dtype).reshape(M.shape[0], d, -1)
-
+    rhs = B.to(dtype).reshape(M.shape[0], d, -1)
     L, info = torch.linalg.cholesky_ex(M)
-    factored = info == 0
-    if not factored.all():
-        L, factored = _jitter_cholesky(M, L, factored)
-    if factored.all():
-        return torch.cholesky_solve(rhs, L).reshape(B.shape)
-    X = torch.cholesky_solve(rhs, torch.where(factored[:, None, None], L, 0.0))
-    log.warning(
-        "ridge_solve: %d of %d systems (d=%d) still fail with jitter; "
-        "solving them by eigendecomposition pseudo-inverse",
-        int((~factored).sum()),
-        factored.numel(),
-        d,
-    )
-    X[~factored] = _eigen_pinv_solve(M[~factored], rhs[~factored])
-    return X.reshape(B.shape)
+    steps = torch.zeros(M.shape[0], dtype=torch.long)
+    if (info != 0).any():
+        L, steps = _jitter_cholesky(M, L, info != 0)
+    pinv = steps > len(JITTER_STEPS)
+    X = torch.cholesky_solve(rhs, torch.where(pinv[:, None, None].to(L.device), 0.0, L) if pinv.any() else L)
+    if pinv.any():
+        X[pinv] = _eigen_pinv_solve(M[pinv], rhs[pinv])
+    return X.reshape(B.shape), steps
 
 
-def _jitter_cholesky(M: Tensor, L: Tensor, factored: Tensor) -> tuple[Tensor, Tensor]:
-    """Retry the unfactored systems of M (b, d, d) with growing jitter; (L, factored) after."""
-    L, factored = L.clone(), factored.clone()
-    todo = (~factored).nonzero().flatten()
+def _jitter_cholesky(M: Tensor, L: Tensor, failed: Tensor) -> tuple[Tensor, Tensor]:
+    """Retry the failed systems of M (b, d, d) with growing jitter; (L, steps) after."""
+    L, steps = L.clone(), torch.zeros(M.shape[0], dtype=torch.long)
+    todo = failed.nonzero().flatten().cpu()
     scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(M.dtype).tiny)
-    for rel in JITTER_STEPS:
-        log.warning(
-            "ridge_solve: Cholesky failed for %d of %d systems (d=%d); retrying with diagonal "
-            "jitter %.0e x mean diagonal",
-            todo.numel(),
-            M.shape[0],
-            M.shape[-1],
-            rel,
-        )
+    for k, rel in enumerate(JITTER_STEPS, start=1):
+        steps[todo] = k
         trial = M[todo]
         trial.diagonal(dim1=-2, dim2=-1).add_((rel * scale[todo]).unsqueeze(-1))
         Lt, info = torch.linalg.cholesky_ex(trial)
-        ok = info == 0
+        ok = (info == 0).cpu()
         L[todo[ok]] = Lt[ok]
-        factored[todo[ok]] = True
         todo = todo[~ok]
         if todo.numel() == 0:
-            break
-    return L, factored
+            return L, steps
+    steps[todo] = len(JITTER_STEPS) + 1
+    return L, steps
 
 
 def _eigen_pinv_solve(M: Tensor, rhs: Tensor) -> Tensor:

@@ -73,14 +73,13 @@ class BlockSystem:
                         sums["r1"][k] += mom.mean * c
                         sums["r2"][k] += c
                 continue
-            norm = max(float(torch.linalg.matrix_norm(mom.gram)), eps)
+            norm = ops.assemble(sums["A"], mom.gram, eps)
             if norm == 0:
                 raise FeatCalError(
                     f"the inputs of module(s) {mom.group.names} are all zero for a task; "
                     "set covariance_eps > 0 to solve this block"
                 )
             scale = 1.0 / norm
-            sums["A"].add_(mom.gram, alpha=scale)
             sums["V"].add_(mom.mean_student, alpha=scale)
             sums["s"] += scale
             for k, m in enumerate(members):
@@ -95,6 +94,7 @@ class BlockSystem:
         """New (module, 'weight' | 'bias', value) of every calibrated parameter of the merged block.
 
         The anchor is taken from the merged block as it is now (before any update) and the base.
+        Call once: the sums become the right-hand sides, in place.
         """
         cfg = self.config
         lam, eps = cfg.ridge, cfg.covariance_eps
@@ -110,7 +110,7 @@ class BlockSystem:
 
     def _solve_linear(self, sums, refs, bases, lam, eps):
         anchors = [self._anchors(ref, b) for ref, b in zip(refs, bases)]
-        rhs = torch.cat([B if a is None else B + lam * a.mT for B, (a, _) in zip(sums["B"], anchors)], dim=1)
+        rhs = [B if a is None else B.add_(a.mT, alpha=lam) for B, (a, _) in zip(sums["B"], anchors)]
         X = ops.ridge_solve(sums["A"], rhs, lam + (eps if eps > 0 else 0.0))
         updates, start = [], 0
         for k, ref in enumerate(refs):

@@ -1,6 +1,4 @@
-"""featcal.ops (pure PyTorch backend) against float64 references, on odd shapes and dtypes."""
-
-import logging
+"""featcal.ops statistics (pure PyTorch backend) against float64 references, on odd shapes and dtypes."""
 
 import pytest
 import torch
@@ -126,105 +124,13 @@ def test_bad_inputs_are_named():
         ops.weighted_sum(torch.ones(4, 3, dtype=torch.long))
 
 
-def _spd(d, gen, cond=None, dtype=torch.float64, batch=()):
-    q, _ = torch.linalg.qr(torch.randn(*batch, d, d, generator=gen, dtype=torch.float64))
-    if cond is None:
-        evals = torch.rand(*batch, d, generator=gen, dtype=torch.float64) + 0.5
-    else:
-        evals = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), d, dtype=torch.float64)
-        evals = evals.expand(*batch, d)
-    return ((q * evals.unsqueeze(-2)) @ q.mT).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ridge_solve_matches_float64(dtype):
-    gen = torch.Generator().manual_seed(5)
-    A = _spd(50, gen, dtype=dtype)
-    B = torch.randn(50, 7, generator=gen, dtype=dtype)
-    X = ops.ridge_solve(A, B, ridge=0.3)
-    ref = torch.linalg.solve(A.double() + 0.3 * torch.eye(50, dtype=torch.float64), B.double())
-    assert X.dtype == dtype
-    assert _rel(X, ref) < (1e-12 if dtype == torch.float64 else 1e-5)
-
-
-def test_ridge_solve_batched_vector_and_noncontiguous():
-    gen = torch.Generator().manual_seed(6)
-    A = _spd(33, gen, batch=(3,))
-    B = torch.randn(3, 11, 33, generator=gen, dtype=torch.float64).mT  # non-contiguous (3, 33, 11)
-    assert not B.is_contiguous()
-    X = ops.ridge_solve(A, B)
-    assert _rel(X, torch.linalg.solve(A, B)) < 1e-12
-    b = torch.randn(3, 33, generator=gen, dtype=torch.float64)
-    x = ops.ridge_solve(A, b)
-    assert x.shape == (3, 33)
-    assert _rel(x, torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)) < 1e-12
-
-
-def test_ridge_solve_ill_conditioned_float64():
-    gen = torch.Generator().manual_seed(8)
-    A = _spd(40, gen, cond=1e8)
-    X_true = torch.randn(40, 3, generator=gen, dtype=torch.float64)
-    X = ops.ridge_solve(A, A @ X_true)
-    # forward error bounded by cond * eps; check the backward error (residual) tightly
-    assert _rel(A @ X, A @ X_true) < 1e-10
-    assert _rel(X, X_true) < 1e-6
-
-
-def test_ridge_solve_singular_retries_with_logged_jitter(caplog):
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(5, 20, generator=gen, dtype=torch.float64)
-    A = x.T @ x  # rank 5, PSD
-    B = A @ torch.randn(20, 2, generator=gen, dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="featcal"):
-        X = ops.ridge_solve(A, B)
-    assert any("jitter" in r.getMessage() for r in caplog.records)
-    assert torch.isfinite(X).all()
-    assert _rel(A @ X, B) < 1e-4
-
-
-def test_ridge_solve_indefinite_falls_back_to_pseudo_inverse(caplog):
-    A = torch.diag(torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64))
-    B = torch.tensor([[4.0], [3.0], [5.0]], dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="featcal"):
-        X = ops.ridge_solve(A, B)
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("jitter" in m for m in messages)
-    assert any("pseudo-inverse" in m for m in messages)
-    assert torch.allclose(X, torch.linalg.pinv(A) @ B)
-
-
-def test_ridge_solve_batched_fallback_touches_only_failed_systems(caplog):
-    gen = torch.Generator().manual_seed(10)
-    good = _spd(6, gen)
-    bad = torch.diag(torch.tensor([1.0, -1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64))
-    A = torch.stack([good, bad, good])
-    B = torch.randn(3, 6, 2, generator=gen, dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="featcal"):
-        X = ops.ridge_solve(A, B)
-    assert any("1 of 3 systems" in r.getMessage() for r in caplog.records)
-    assert _rel(X[0], torch.linalg.solve(good, B[0])) < 1e-12
-    assert _rel(X[2], torch.linalg.solve(good, B[2])) < 1e-12
-    assert _rel(X[1], torch.linalg.pinv(bad) @ B[1]) < 1e-12
-
-
-def test_ridge_solve_rejects_bad_input():
-    with pytest.raises(FeatCalError, match=r"A must be square .* got shape \(3, 4\)"):
-        ops.ridge_solve(torch.randn(3, 4), torch.randn(3, 1))
-    with pytest.raises(FeatCalError, match=r"B of shape \(4, 2\) does not fit A of shape \(3, 3\)"):
-        ops.ridge_solve(torch.eye(3), torch.randn(4, 2))
-    with pytest.raises(FeatCalError, match="NaN or Inf"):
-        ops.ridge_solve(torch.full((3, 3), float("nan")), torch.randn(3, 1))
-    with pytest.raises(FeatCalError, match="floating point"):
-        ops.ridge_solve(torch.eye(3, dtype=torch.long), torch.ones(3, 1, dtype=torch.long))
-
-
 def test_backend_info_and_switch(monkeypatch):
     monkeypatch.delenv("FEATCAL_BACKEND", raising=False)
     info = ops.backend_info()
     assert set(info) == set(ops.OPS)
-    assert all(info[op]["cpu"] == "torch" for op in ops.OPS)
+    assert all(info[op]["cpu"] == "torch" for op in ops.STATISTICS_OPS)
     monkeypatch.setenv("FEATCAL_BACKEND", "torch")
-    assert ops.backend_info()["ridge_solve"]["cpu"] == "torch"
+    assert all(info["cpu"] == "torch" for info in ops.backend_info().values())
     monkeypatch.setenv("FEATCAL_BACKEND", "bogus")
     with pytest.raises(FeatCalError, match="FEATCAL_BACKEND='bogus'"):
         ops.backend_info()

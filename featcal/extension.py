@@ -1,0 +1,84 @@
+"""featcal._C, the compiled solves (csrc/), built on first use against the installed torch.
+
+`load()` compiles the sources once with torch.utils.cpp_extension (ninja and the system C++
+compiler) into `$FEATCAL_CACHE_DIR/extensions`, else `~/.cache/featcal/extensions` (or
+`$XDG_CACHE_HOME/featcal/extensions`); later processes reuse the build while the sources, the
+flags and torch are unchanged. The same build serves CUDA tensors when torch has CUDA: that
+path calls ATen's Cholesky, which runs on cuSOLVER, so no nvcc is needed. When the build or
+the import fails, `load()` returns None once and for all, a one-line warning says that PyTorch
+serves the solves, and `error()` holds the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("featcal")
+
+NAME = "featcal_C"
+
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where featcal keeps what it builds or trains: FEATCAL_CACHE_DIR or the user cache."""
+    if os.environ.get("FEATCAL_CACHE_DIR"):
+        return Path(os.environ["FEATCAL_CACHE_DIR"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "featcal"
+
+
+def build_dir() -> Path:
+    """The extension's build directory, one per torch and Python version."""
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    return cache_dir() / "extensions" / tag
+
+
+def sources() -> list[Path]:
+    spec = find_spec("featcal.csrc")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the C++ sources (featcal.csrc) are not installed")
+    return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.cpp"))
+
+
+def load() -> ModuleType | None:
+    """featcal._C, compiled if needed; None (and a warning, once) if it cannot be built or loaded."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            _module = _build()
+        except Exception as exc:  # no compiler, a failed build, a missing LAPACK symbol: fall back
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            _error = f"{type(exc).__name__}: {lines[0]}"
+            log.warning("featcal: C++ extension unavailable (%s); PyTorch serves ridge_solve", _error)
+    return _module
+
+
+def error() -> str | None:
+    """Why featcal._C could not load, or None."""
+    return _error
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load as load_extension
+
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("featcal: building the C++ extension in %s (once; about a minute)", target)
+    module = load_extension(
+        name=NAME,
+        sources=[str(p) for p in sources()],
+        extra_cflags=["-O3"],
+        build_directory=str(target),
+        verbose=os.environ.get("FEATCAL_VERBOSE_BUILD") == "1",
+    )
+    sys.modules["featcal._C"] = module
+    return module
