@@ -1,12 +1,28 @@
-"""The benchmarks' summary table: per row the median time, the useful TFLOP/s and the share of
-a plain torch.matmul's rate in the same dtype on the same device, measured in the same run."""
+"""The benchmarks' summary table: per row the median time, the useful TFLOP/s, the share of a
+plain torch.matmul's rate in the same dtype on the same device, measured in the same run, the
+speed-up over the row named `reference` and, where measured, the peak memory above the inputs."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-import torch
+
+# FEATCAL_BENCH_MEMORY=1 measures CPU peak memory: MKL's buffer cache is turned off, and blocks
+# of 64 KiB and more map and unmap their own pages, so that freed memory leaves the resident set
+# and scratch space shows in its high-water mark. Both slow allocation: times from such a run
+# are not comparable.
+CPU_MEMORY = os.environ.get("FEATCAL_BENCH_MEMORY") == "1"
+if CPU_MEMORY:
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+import torch  # noqa: E402
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
@@ -26,31 +42,69 @@ def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * size**3 / sorted(times[1:])[len(times[1:]) // 2]
 
 
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak memory above what was in use before, during one call of fn (its result included).
+
+    CUDA: the caching allocator's peak. CPU, with FEATCAL_BENCH_MEMORY=1: the process's resident
+    high-water mark, reset through /proc/self/clear_refs (Linux); else None.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    if not CPU_MEMORY:
+        return None
+    status = Path("/proc/self/status")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+    def field(name: str) -> int:
+        return int(re.search(rf"^{name}:\s+(\d+) kB", status.read_text(), re.M).group(1)) * 1024
+
+    before = field("VmRSS")
+    fn()
+    return field("VmHWM") - before
+
+
 class Summary:
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, float, float, torch.dtype]] = []
+        self.rows: list[tuple[str, str, float, float, torch.dtype, int | None]] = []
         self.peaks: dict[torch.dtype, float] = {}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def add(self, case: str, impl: str, seconds: float, flops: float, dtype: torch.dtype) -> None:
+    def add(
+        self,
+        case: str,
+        impl: str,
+        seconds: float,
+        flops: float,
+        dtype: torch.dtype,
+        extra_bytes: int | None = None,
+    ) -> None:
         if dtype not in self.peaks:
             self.peaks[dtype] = matmul_rate(dtype, self.device)
-        self.rows.append((case, impl, seconds, flops, dtype))
+        self.rows.append((case, impl, seconds, flops, dtype, extra_bytes))
 
     def lines(self) -> list[str]:
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
         out = [f"device: {name}; torch {torch.__version__}"]
+        if CPU_MEMORY:
+            out.append("FEATCAL_BENCH_MEMORY=1: allocators set up to measure memory; times not comparable")
         out += [f"torch.matmul peak {str(d)[6:]}: {r / 1e12:.2f} TFLOP/s" for d, r in self.peaks.items()]
-        head = ("case", "impl", "median ms", "TFLOP/s", "% of peak", "vs reference")
-        out.append(f"| {head[0]:<34} | {head[1]:<12} | " + " | ".join(f"{h:>12}" for h in head[2:]) + " |")
-        out.append("|" + "|".join("-" * w for w in (36, 14, 14, 14, 14, 14)) + "|")
-        base = {case: s for case, impl, s, _, _ in self.rows if impl == "reference"}
-        for case, impl, seconds, flops, dtype in self.rows:
+        head = ("case", "impl", "median ms", "TFLOP/s", "% of peak", "vs reference", "peak extra MB")
+        out.append(f"| {head[0]:<34} | {head[1]:<12} | " + " | ".join(f"{h:>13}" for h in head[2:]) + " |")
+        out.append("|" + "|".join("-" * w for w in (36, 14, 15, 15, 15, 15, 15)) + "|")
+        base = {case: s for case, impl, s, *_ in self.rows if impl == "reference"}
+        for case, impl, seconds, flops, dtype, extra in self.rows:
             rate = flops / seconds
             ratio = f"{base[case] / seconds:.2f}x" if case in base else "-"
+            mb = "-" if extra is None else f"{extra / 2**20:.0f}"
             out.append(
-                f"| {case:<34} | {impl:<12} | {seconds * 1e3:>12.2f} | {rate / 1e12:>12.3f} "
-                f"| {100 * rate / self.peaks[dtype]:>11.1f}% | {ratio:>12} |"
+                f"| {case:<34} | {impl:<12} | {seconds * 1e3:>13.2f} | {rate / 1e12:>13.3f} "
+                f"| {100 * rate / self.peaks[dtype]:>12.1f}% | {ratio:>13} | {mb:>13} |"
             )
         return out
 
@@ -65,6 +119,6 @@ def summary() -> Summary:
 
 def pytest_terminal_summary(terminalreporter):
     if _summary.rows:
-        terminalreporter.section("featcal statistics benchmark")
+        terminalreporter.section("featcal benchmarks")
         for line in _summary.lines():
             terminalreporter.write_line(line)
