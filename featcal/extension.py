@@ -2,15 +2,17 @@
 
 `load()` compiles the sources once with torch.utils.cpp_extension (ninja and the system C++
 compiler) into `$FEATCAL_CACHE_DIR/extensions`, else `~/.cache/featcal/extensions` (or
-`$XDG_CACHE_HOME/featcal/extensions`); later processes reuse the build while the sources, the
-flags and torch are unchanged. The same build serves CUDA tensors when torch has CUDA: that
-path calls ATen's Cholesky, which runs on cuSOLVER, so no nvcc is needed. When the build or
+`$XDG_CACHE_HOME/featcal/extensions`), one folder per torch, Python and source location;
+later processes reuse the build while the sources, the flags and torch are unchanged. The
+same build serves CUDA tensors when torch has CUDA: that path calls ATen's Cholesky, which
+runs on cuSOLVER, so no nvcc is needed. When the build or
 the import fails, `load()` returns None once and for all, a one-line warning says that PyTorch
 serves the solves, and `error()` holds the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -37,9 +39,11 @@ def cache_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """The extension's build directory, one per torch and Python version."""
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
-    return cache_dir() / "extensions" / tag
+    """The extension's build directory, one per torch version, Python version and source folder
+    (two installs of featcal would otherwise rebuild each other's)."""
+    where = hashlib.sha1(str(sources()[0].parent).encode()).hexdigest()[:10]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{where}"
+    return cache_dir() / "extensions" / tag.replace("+", "_")
 
 
 def sources() -> list[Path]:
@@ -72,7 +76,7 @@ def _build() -> ModuleType:
 
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
-    log.info("featcal: building the C++ extension in %s (once; about a minute)", target)
+    log.warning("featcal: compiling the C++ extension featcal._C (once, about a minute) into %s", target)
     module = load_extension(
         name=NAME,
         sources=[str(p) for p in sources()],
