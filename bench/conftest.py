@@ -117,6 +117,12 @@ def summary() -> Summary:
     return _summary
 
 
+@pytest.fixture(scope="session")
+def peak_memory() -> Callable[[Callable[[], object]], int | None]:
+    """peak_extra_bytes, for the benchmarks (conftest modules are not importable by name)."""
+    return peak_extra_bytes
+
+
 def pytest_terminal_summary(terminalreporter):
     if _summary.rows:
         terminalreporter.section("featcal benchmarks")

@@ -31,7 +31,6 @@ import os
 
 import pytest
 import torch
-from conftest import peak_extra_bytes
 
 from featcal import extension, ops
 
@@ -119,7 +118,7 @@ def _block(name: str) -> tuple[list, list]:
 
 @pytest.mark.parametrize("impl", ["reference", "torch", "cpp"])
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_block_solves(benchmark, summary, monkeypatch, name, impl):
+def test_block_solves(benchmark, summary, peak_memory, monkeypatch, name, impl):
     if not BLOCKS[name][1] and not CUDA and os.environ.get("FEATCAL_BENCH_LARGE") != "1":
         pytest.skip(f"{name} runs on a GPU, or on the CPU with FEATCAL_BENCH_LARGE=1")
     monkeypatch.setenv("FEATCAL_BACKEND", "torch" if impl == "torch" else "auto")
@@ -132,7 +131,7 @@ def test_block_solves(benchmark, summary, monkeypatch, name, impl):
     if impl != "reference":
         assert ops.served[("ridge_solve", impl)] == before + len(groups)
     outputs = 4 * sum(B.numel() for _, rhs in groups for B in rhs)
-    extra = peak_extra_bytes(fn)
+    extra = peak_memory(fn)
     benchmark.pedantic(fn, rounds=5 if BLOCKS[name][1] or CUDA else 1, iterations=1)
     case = f"solves {name} fp32"
     summary.add(

@@ -5,9 +5,9 @@ compiler) into `$FEATCAL_CACHE_DIR/extensions`, else `~/.cache/featcal/extension
 `$XDG_CACHE_HOME/featcal/extensions`), one folder per torch, Python and source location;
 later processes reuse the build while the sources, the flags and torch are unchanged. The
 same build serves CUDA tensors when torch has CUDA: that path calls ATen's Cholesky, which
-runs on cuSOLVER, so no nvcc is needed. When the build or
-the import fails, `load()` returns None once and for all, a one-line warning says that PyTorch
-serves the solves, and `error()` holds the reason.
+runs on cuSOLVER, so no nvcc is needed. When the build or the import fails, `load()` returns
+None once and for all, a one-line warning says that PyTorch serves the solves, and `error()`
+holds the reason.
 """
 
 from __future__ import annotations

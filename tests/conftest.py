@@ -16,10 +16,13 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def require_extension():
-    """featcal._C, or a skip (a failure under FEATCAL_REQUIRE_EXTENSION=1) saying why it is missing."""
+@pytest.fixture
+def cpp(monkeypatch):
+    """featcal._C, with FEATCAL_BACKEND=auto so that ops dispatch to it; a skip naming why it
+    is missing (a failure under FEATCAL_REQUIRE_EXTENSION=1)."""
     from featcal import extension
 
+    monkeypatch.setenv("FEATCAL_BACKEND", "auto")
     module = extension.load()
     if module is None:
         reason = f"featcal._C could not be built: {extension.error()}"
@@ -27,13 +30,6 @@ def require_extension():
             pytest.fail(reason)
         pytest.skip(reason)
     return module
-
-
-@pytest.fixture
-def cpp(monkeypatch):
-    """The extension module, with FEATCAL_BACKEND=auto so that ops dispatch to it."""
-    monkeypatch.setenv("FEATCAL_BACKEND", "auto")
-    return require_extension()
 
 
 @pytest.fixture(params=["torch", "cpp"])

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import require_extension
 from tiny_models import CLIP_VISION, features, setup
 
 from featcal import FeatCalConfig, calibrate, extension, ops
@@ -159,8 +158,7 @@ def test_import_does_not_build_and_no_compiler_still_runs(tmp_path):
     assert "C++ extension unavailable" in run.stderr and "PyTorch serves ridge_solve" in run.stderr
 
 
-def test_calibrate_with_cpp_equals_torch(monkeypatch):
-    require_extension()
+def test_calibrate_with_cpp_equals_torch(cpp, monkeypatch):
     base, experts, merged, data = setup(CLIP_VISION, dtype=torch.float32)
     cfg = FeatCalConfig(progress=False)
     models = {}
