@@ -116,12 +116,11 @@ double jitter_scale(const at::Tensor& Ai, double ridge) {
   return std::max((Ai.diagonal().to(at::kDouble) + ridge).abs().mean().item<double>(), tiny);
 }
 
-// Factorises Ai + ridge I in ws, adding jitter[k] x mean diagonal after each failure; returns
-// the step that succeeded (0 without jitter) or jitter.size() + 1.
+// After Ai + ridge I failed to factorise: factorises Ai + (ridge + jitter[k] x mean diagonal) I
+// in ws for k = 0, 1, ...; returns the step that succeeded (k + 1) or jitter.size() + 1.
 template <typename Factor>
-int64_t factorise(at::Tensor& ws, const at::Tensor& Ai, double ridge, const std::vector<double>& jitter,
-                  Factor&& factor) {
-  if (factor(ws)) return 0;
+int64_t retry_with_jitter(at::Tensor& ws, const at::Tensor& Ai, double ridge, const std::vector<double>& jitter,
+                          Factor&& factor) {
   const double scale = jitter_scale(Ai, ridge);
   for (size_t k = 0; k < jitter.size(); ++k) {
     fill(ws, Ai, ridge + jitter[k] * scale);
@@ -151,7 +150,7 @@ void solve_lapack(const Problem& p, double ridge, const std::vector<double>& jit
     auto xt = p.Xt[i];
     fill(ws, Ai, ridge);
     check_finite(ws, p.a_shape);
-    steps[i] = factorise(ws, Ai, ridge, jitter, factor);
+    steps[i] = factor(ws) ? 0 : retry_with_jitter(ws, Ai, ridge, jitter, factor);
     if (steps[i] > static_cast<int64_t>(jitter.size()))
       pinv_solve(ws, Ai, ridge, xt);
     else
@@ -206,8 +205,7 @@ std::tuple<at::Tensor, at::Tensor> ridge_solve_aten(const at::Tensor& A, const s
         at::linalg_cholesky_ex_out(x, inf_j, x, false, false);
         return inf_j.item<int>() == 0;
       };
-      fill(wj, As[j], ridge);
-      step[start + j] = factorise(wj, As[j], ridge, jitter, single);
+      step[start + j] = retry_with_jitter(wj, As[j], ridge, jitter, single);
       if (step[start + j] > static_cast<int64_t>(jitter.size())) {
         wj.fill_(0);
         wj.diagonal().fill_(1);  // a placeholder factor; this system is solved by pinv below

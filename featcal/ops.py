@@ -365,15 +365,16 @@ def _torch_ridge_solve(A: Tensor, B: Tensor, ridge: float) -> tuple[Tensor, Tens
     steps = torch.zeros(M.shape[0], dtype=torch.long)
     if (info != 0).any():
         L, steps = _jitter_cholesky(M, L, info != 0)
+    X = torch.cholesky_solve(rhs, L)
     pinv = steps > len(JITTER_STEPS)
-    X = torch.cholesky_solve(rhs, torch.where(pinv[:, None, None].to(L.device), 0.0, L) if pinv.any() else L)
     if pinv.any():
         X[pinv] = _eigen_pinv_solve(M[pinv], rhs[pinv])
     return X.reshape(B.shape), steps
 
 
 def _jitter_cholesky(M: Tensor, L: Tensor, failed: Tensor) -> tuple[Tensor, Tensor]:
-    """Retry the failed systems of M (b, d, d) with growing jitter; (L, steps) after."""
+    """Retry the failed systems of M (b, d, d) with growing jitter; (L, steps) after. Systems that
+    still fail get the identity as a placeholder factor (they are solved by pseudo-inverse)."""
     L, steps = L.clone(), torch.zeros(M.shape[0], dtype=torch.long)
     todo = failed.nonzero().flatten().cpu()
     scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(M.dtype).tiny)
@@ -388,6 +389,7 @@ def _jitter_cholesky(M: Tensor, L: Tensor, failed: Tensor) -> tuple[Tensor, Tens
         if todo.numel() == 0:
             return L, steps
     steps[todo] = len(JITTER_STEPS) + 1
+    L[todo] = torch.eye(M.shape[-1], dtype=L.dtype, device=L.device)
     return L, steps
 
 
