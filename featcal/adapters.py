@@ -16,11 +16,12 @@ weight 0 for padding), `token_focus` (extra token weights per block and module) 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
+from .errors import FeatCalError, UnsupportedModelError
 
 Batch = Tensor | Mapping[str, Tensor]
 
@@ -74,6 +75,10 @@ def no_focus(block_index: int, num_blocks: int, module_name: str) -> float | Non
     return None
 
 
+def same_hidden(backbone: nn.Module, hidden: Tensor) -> Tensor:
+    return hidden
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
     """How featcal drives one model family.
@@ -87,6 +92,15 @@ class ModelAdapter:
     token_focus: (block index, number of blocks, module name) -> weight of tokens 1.. relative to
         token 0 for that module's statistics, or None for uniform weights.
     run_block: (block, args, kwargs) -> output hidden states of the block.
+    call_kwargs: fixed keyword arguments of every backbone call (e.g. use_cache=False).
+    later_arguments: (first block, args, kwargs) -> (args, kwargs) of the blocks after the first,
+        when the backbone passes them something the first block computes (T5's position bias).
+    next_stage: the adapter of the stage calibrated after this one's blocks (T5: the decoder).
+    stage_output: (backbone, last block's output) -> what the stage hands to the next (final norm).
+    stage_inputs: for a later stage, (task batch, previous stage's output) -> its backbone inputs.
+    batch_keys: further batch keys the model reads (e.g. in a later stage), so not warned about.
+    memory_inputs: module name -> whether it reads the encoder output rather than the hidden
+        states (cross-attention keys and values), with `memory_mask(batch)` as token weights.
     """
 
     name: str
@@ -97,6 +111,14 @@ class ModelAdapter:
     token_mask: Callable[[Batch], Tensor | None] = attention_mask_of
     token_focus: Callable[[int, int, str], float | None] = no_focus
     run_block: Callable[[nn.Module, tuple, dict], Tensor] = call_block
+    call_kwargs: Mapping[str, object] = field(default_factory=dict)
+    later_arguments: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
+    next_stage: ModelAdapter | None = None
+    stage_output: Callable[[nn.Module, Tensor], Tensor] = same_hidden
+    stage_inputs: Callable[[Batch, Tensor], dict] | None = None
+    batch_keys: tuple[str, ...] = ()
+    memory_inputs: Callable[[str], bool] | None = None
+    memory_mask: Callable[[Batch], Tensor | None] = no_token_mask
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.classes for cls in type(model).__mro__)
@@ -139,13 +161,108 @@ BERT = ModelAdapter(
     inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"),
 )
 
+DECODER_LM = ModelAdapter(
+    name="llama",
+    classes=("LlamaPreTrainedModel", "MistralPreTrainedModel", "Qwen2PreTrainedModel"),
+    blocks=lambda backbone: backbone.layers,
+    inputs=("input_ids", "attention_mask", "position_ids", "inputs_embeds"),
+    call_kwargs={"use_cache": False},
+)
+
+GPT2 = ModelAdapter(
+    name="gpt2",
+    classes=("GPT2PreTrainedModel",),
+    blocks=lambda backbone: backbone.h,
+    inputs=("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds"),
+    call_kwargs={"use_cache": False},
+)
+
+
+def _t5_later_arguments(first_block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """T5Stack hands every block the self- and cross-attention position biases that its first
+    block returns (positions 2 and 5 of the block's arguments)."""
+    output = first_block(*args, **kwargs)
+    args = list(args)
+    args[2] = output[1]
+    if len(args) > 5 and len(output) > 2:
+        args[5] = output[2]
+    return tuple(args), kwargs
+
+
+def _t5_encoder_output(encoder: nn.Module, hidden: Tensor) -> Tensor:
+    return encoder.dropout(encoder.final_layer_norm(hidden))
+
+
+def _t5_decoder_inputs(batch: Batch, encoder_output: Tensor) -> dict:
+    """The decoder's inputs: `decoder_input_ids` (with `decoder_attention_mask`), or `labels`
+    shifted right behind the start token 0 (-100 marks ignored positions, weight 0), or the start
+    token alone; cross-attention reads the encoder output under the batch's attention mask."""
+    if not isinstance(batch, Mapping):
+        raise FeatCalError("T5 batches must be dicts with input_ids (and decoder_input_ids or labels)")
+    size = encoder_output.shape[0]
+    ids, mask = batch.get("decoder_input_ids"), batch.get("decoder_attention_mask")
+    if ids is None and batch.get("labels") is not None:
+        labels = batch["labels"]
+        start = torch.zeros_like(labels[:, :1])
+        ids = torch.cat([start, labels[:, :-1].clamp_min(0)], dim=1)
+        mask = torch.cat([torch.ones_like(start), (labels[:, :-1] != -100).long()], dim=1)
+    if ids is None:
+        ids = torch.zeros(size, 1, dtype=torch.long, device=encoder_output.device)
+    inputs = {"input_ids": ids, "encoder_hidden_states": encoder_output}
+    if mask is not None:
+        inputs["attention_mask"] = mask
+    if batch.get("attention_mask") is not None:
+        inputs["encoder_attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
+_T5_STACK = dict(
+    blocks=lambda backbone: backbone.block,
+    call_kwargs={"use_cache": False},
+    later_arguments=_t5_later_arguments,
+)
+
+T5_DECODER = ModelAdapter(
+    name="t5-decoder",
+    classes=(),
+    backbone=lambda model: model.decoder,
+    inputs=("input_ids", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
+    stage_inputs=_t5_decoder_inputs,
+    memory_inputs=lambda name: name.endswith(("EncDecAttention.k", "EncDecAttention.v")),
+    memory_mask=lambda batch: batch.get("encoder_attention_mask"),
+    **_T5_STACK,
+)
+
+T5 = ModelAdapter(
+    name="t5",
+    classes=("T5ForConditionalGeneration", "T5Model"),
+    backbone=lambda model: model.encoder,
+    inputs=("input_ids", "attention_mask", "inputs_embeds"),
+    next_stage=T5_DECODER,
+    stage_output=_t5_encoder_output,
+    batch_keys=("decoder_input_ids", "decoder_attention_mask", "labels"),
+    **_T5_STACK,
+)
+
+T5_ENCODER = ModelAdapter(
+    name="t5-encoder",
+    classes=("T5EncoderModel",),
+    backbone=lambda model: model.encoder,
+    inputs=("input_ids", "attention_mask", "inputs_embeds"),
+    **_T5_STACK,
+)
+
 _DESCRIPTIONS = {
     "clip-vision": "CLIPVisionModel, CLIPVisionModelWithProjection, the vision tower of CLIPModel",
     "vit": "ViTModel and its task heads (ViTForImageClassification, ...)",
     "bert": "BertModel, RobertaModel and their task heads (...ForSequenceClassification, ...)",
+    "llama": "Llama, Mistral and Qwen2 decoder-only models (...Model, ...ForCausalLM, ...)",
+    "gpt2": "GPT2Model, GPT2LMHeadModel and other GPT-2 heads",
+    "t5": "T5ForConditionalGeneration, T5Model (FLAN-T5): encoder blocks, then decoder blocks",
+    "t5-encoder": "T5EncoderModel",
 }
 
-_ADAPTERS: list[ModelAdapter] = [CLIP_VISION, VIT, BERT]
+_ADAPTERS: list[ModelAdapter] = [CLIP_VISION, VIT, BERT, DECODER_LM, GPT2, T5, T5_ENCODER]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:

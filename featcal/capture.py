@@ -9,14 +9,16 @@ the hidden states of the current stream.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .adapters import Batch, ModelAdapter
 from .errors import FeatCalError
+from .offload import Stream
 from .ops import accumulator_dtype
 
 
@@ -33,28 +35,72 @@ class BlockContext:
     hidden_as_kwarg: bool
 
     def arguments(self, hidden: Tensor) -> tuple[tuple, dict]:
+        """The block's (args, kwargs) with `hidden`, the captured tensors moved to its device."""
+        ctx = self.to(hidden.device)
         if self.hidden_as_kwarg:
-            return self.args, {**self.kwargs, "hidden_states": hidden}
-        return (hidden, *self.args), self.kwargs
+            return ctx.args, {**ctx.kwargs, "hidden_states": hidden}
+        return (hidden, *ctx.args), ctx.kwargs
+
+    def to(self, device: torch.device) -> BlockContext:
+        """This context with its tensors on `device` (itself when they are there already)."""
+        if all(t.device == device for t in self.tensors()):
+            return self
+
+        def move(value):
+            # Asynchronous only toward a GPU: a non-blocking copy to the host could be read too early.
+            return (
+                value.to(device, non_blocking=device.type == "cuda") if isinstance(value, Tensor) else value
+            )
+
+        return replace(self, args=tree_map(move, self.args), kwargs=tree_map(move, self.kwargs))
+
+    def tensors(self) -> list[Tensor]:
+        found: list[Tensor] = []
+        tree_map(lambda v: found.append(v) if isinstance(v, Tensor) else None, (self.args, self.kwargs))
+        return found
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def same_context(a: BlockContext, b: BlockContext) -> bool:
+    """Whether two contexts hold equal arguments (then one copy serves both streams)."""
+    if a.hidden_as_kwarg != b.hidden_as_kwarg:
+        return False
+    left, right = tree_map(_marker, (a.args, a.kwargs)), tree_map(_marker, (b.args, b.kwargs))
+    if left != right:
+        return False
+    pairs = zip(a.tensors(), b.tensors())
+    return all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in pairs)
+
+
+def _marker(value):
+    return "tensor" if isinstance(value, Tensor) else value
 
 
 class Streams:
     """Hidden states of one task at the current block boundary, one tensor per batch, with the
-    captured arguments to replay blocks on them."""
+    captured arguments (kept on `home`) to replay blocks on them. `new_stream(kind)` makes an
+    empty stream."""
 
-    def __init__(self) -> None:
-        self.student: list[Tensor] = []
-        self.expert: list[Tensor] = []
+    def __init__(self, new_stream: Callable[[str], Stream], home: torch.device) -> None:
+        self.new_stream, self.home = new_stream, home
+        self.student, self.expert = new_stream("student"), new_stream("expert")
         self.student_ctx: list[BlockContext] = []
         self.expert_ctx: list[BlockContext] = []
         self.weights: list[Tensor | None] = []
+        self.memory_weights: list[Tensor | None] = []  # of the encoder output (T5 decoder)
         # The uncalibrated merged model's hidden states on the drift examples (first of batch 0).
         self.drift: Tensor | None = None
         self.drift_ctx: BlockContext | None = None
 
     @property
     def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.student)
+        return sum(shape[0] * shape[1] for shape in self.student.shapes())
+
+    def close(self) -> None:
+        self.student.close()
+        self.expert.close()
 
 
 def run_block(adapter: ModelAdapter, block: nn.Module, hidden: Tensor, ctx: BlockContext) -> Tensor:
@@ -100,10 +146,11 @@ def capture_first_block_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         if isinstance(batch, Tensor):
-            run_until_stopped(backbone, batch.to(device))
+            run_until_stopped(backbone, batch.to(device), **adapter.call_kwargs)
         else:
             inputs, _ = backbone_inputs(adapter, batch)
-            run_until_stopped(backbone, **{k: _to(v, device) for k, v in inputs.items()})
+            inputs = {k: _to(v, device) for k, v in inputs.items()}
+            run_until_stopped(backbone, **inputs, **adapter.call_kwargs)
     finally:
         handle.remove()
     if not captured:
@@ -131,12 +178,13 @@ def capture_first_block_inputs(
     return hidden.detach(), BlockContext(rest, kwargs, as_kwarg)
 
 
-def token_weights(adapter: ModelAdapter, batch: Batch, hidden: Tensor) -> Tensor | None:
-    """Per-token weights (batch, tokens) of a batch from its padding mask; None when all weigh 1."""
-    mask = adapter.token_mask(batch)
+def token_weights(adapter: ModelAdapter, batch: Batch, hidden: Tensor, memory: bool = False) -> Tensor | None:
+    """Per-token weights (batch, tokens) of a batch from its padding mask (with `memory`, of the
+    encoder output a decoder reads); None when all weigh 1."""
+    mask = (adapter.memory_mask if memory else adapter.token_mask)(batch)
     if mask is None:
         return None
-    if tuple(mask.shape) != tuple(hidden.shape[:2]):
+    if not memory and tuple(mask.shape) != tuple(hidden.shape[:2]):
         raise FeatCalError(
             f"the token mask of shape {tuple(mask.shape)} does not match the hidden states of "
             f"shape {tuple(hidden.shape)} (batch, tokens, hidden)"

@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
     cal.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
     cal.add_argument(
+        "--streams",
+        choices=["auto", "device", "cpu", "disk"],
+        default=defaults.stream_placement,
+        help="where hidden states between blocks live (auto: the first that fits the budgets)",
+    )
+    cal.add_argument(
+        "--max-gpu-memory", help="GPU memory budget, e.g. 12GiB; refused before any work if short"
+    )
+    cal.add_argument("--max-cpu-memory", help="CPU memory budget, e.g. 64GiB")
+    cal.add_argument("--offload-dir", help="directory for disk streams (default: a temporary directory)")
+    cal.add_argument(
         "--drift-examples",
         type=int,
         default=defaults.drift_examples,
@@ -96,9 +107,10 @@ def run_merge(args) -> None:
 
 
 def run_calibrate(args) -> None:
-    from .checkpoint import atomic_directory, check_output, load_model, resolve, save_model
+    from .checkpoint import check_output, load_model, resolve
     from .data import load_calibration_file
     from .driver import calibrate, check_tasks
+    from .lazy_checkpoint import LazyCheckpoint
 
     check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")
@@ -112,19 +124,28 @@ def run_calibrate(args) -> None:
         calibrate_layernorm=args.calibrate_layernorm,
         cross_method=args.cross_method,
         drift_examples=args.drift_examples,
+        stream_placement=args.streams,
+        max_gpu_memory=args.max_gpu_memory,
+        max_cpu_memory=args.max_cpu_memory,
+        offload_dir=args.offload_dir,
         progress=not args.quiet,
     )
     check_tasks(experts_src, data_src)
     data = {task: load_calibration_file(path, args.batch_size) for task, path in data_src.items()}
-    merged = load_model(args.merged)
-    base = load_model(args.base)
-    experts = {task: load_model(path) for task, path in experts_src.items()}
-    model, report = calibrate(
-        merged, base=base, experts=experts, data=data, config=config, device=args.device
+    # A local safetensors checkpoint is streamed block by block; a hub id is loaded whole.
+    merged = resolve(args.merged)
+    if not (isinstance(merged, Path) and LazyCheckpoint.holds_safetensors(merged)):
+        merged = load_model(merged)
+    _, report = calibrate(
+        merged,
+        base=args.base,
+        experts=experts_src,
+        data=data,
+        config=config,
+        device=args.device,
+        out=args.out,
+        overwrite=args.overwrite,
     )
-    with atomic_directory(args.out, args.overwrite) as tmp:
-        save_model(model, tmp, companions_from=resolve(args.merged))
-        report.write_json(tmp / "featcal_report.json")
     if args.report:
         report.write_json(args.report)
     print(report.summary())

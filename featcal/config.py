@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import FeatCalError
+from .memory_plan import parse_bytes
 
 CROSS_METHODS = ("auto", "cross", "project")
+STREAM_PLACEMENTS = ("auto", "device", "cpu", "disk")
 
 
 @dataclass
@@ -29,7 +31,13 @@ class FeatCalConfig:
         extra block forward on these examples.
     allow_tf32: let float32 activations use TF32 matrix units in the Triton statistics kernels
         (about 10 bits of mantissa per product; faster on GPUs). Off: full float32 products.
-    progress: show progress bars.
+    stream_placement: where the hidden-state streams between blocks live: "device", "cpu"
+        (pinned, the next batch prefetched), "disk" (memory-mapped files in `offload_dir`), or
+        "auto": the first of these that fits `max_gpu_memory` / `max_cpu_memory`.
+    max_gpu_memory, max_cpu_memory: memory budgets (bytes, or strings such as "12GiB"); a run
+        whose plan does not fit is refused before any work. None: no limit.
+    offload_dir: directory for disk streams (default: a temporary directory, removed after).
+    progress: show progress bars and the memory plan.
     """
 
     lambda_ratio: float = 0.05
@@ -41,6 +49,10 @@ class FeatCalConfig:
     cross_method: str = "auto"
     drift_examples: int | None = 4
     allow_tf32: bool = False
+    stream_placement: str = "auto"
+    max_gpu_memory: int | str | None = None
+    max_cpu_memory: int | str | None = None
+    offload_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -48,6 +60,12 @@ class FeatCalConfig:
             raise FeatCalError(f"cross_method={self.cross_method!r} is not one of {', '.join(CROSS_METHODS)}")
         if self.covariance_eps < 0:
             raise FeatCalError(f"covariance_eps must be >= 0, got {self.covariance_eps}")
+        if self.stream_placement not in STREAM_PLACEMENTS:
+            raise FeatCalError(
+                f"stream_placement={self.stream_placement!r} is not one of {', '.join(STREAM_PLACEMENTS)}"
+            )
+        parse_bytes(self.max_gpu_memory)
+        parse_bytes(self.max_cpu_memory)
         if self.drift_examples is not None and self.drift_examples < 0:
             raise FeatCalError(f"drift_examples must be >= 0 or None, got {self.drift_examples}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 class BlockReport:
     index: int
     seconds: float
+    stage: str | None = None
     drift_merged: float | None = None
     drift_calibrated: float | None = None
     drift_merged_per_task: dict[str, float] = field(default_factory=dict)
@@ -35,6 +36,7 @@ class CalibrationReport:
     peak_cuda_bytes: int | None
     config: dict
     backend: dict
+    memory_plan: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -59,6 +61,8 @@ class CalibrationReport:
             memory.append(f"peak RSS {self.peak_cpu_rss_bytes / 2**30:.2f} GiB")
         if self.peak_cuda_bytes is not None:
             memory.append(f"peak GPU memory {self.peak_cuda_bytes / 2**30:.2f} GiB")
+        if self.memory_plan:
+            memory.append(f"streams on {self.memory_plan['placement']}")
         if memory:
             lines.append(", ".join(memory))
         for warning in self.warnings:
@@ -71,7 +75,17 @@ def _fmt(value: float | None) -> str:
 
 
 def peak_cpu_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (None where the platform cannot say)."""
+    """Peak resident memory of this process so far (None where the platform cannot say).
+
+    On Linux this is VmHWM, which starts afresh with the program; `ru_maxrss` would carry the peak
+    of a parent process across fork and exec."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

@@ -38,6 +38,7 @@ class Group:
     kind: str
     members: list[ModuleRef]
     focus: float | None
+    memory: bool = False  # reads the encoder output (T5 cross-attention keys and values)
 
     @property
     def leader(self) -> ModuleRef:
@@ -71,21 +72,24 @@ def discover_plan(
     modules: dict[str, ModuleRef],
     focus: Callable[[str], float | None],
     where: str,
+    memory: Callable[[str], bool] | None = None,
 ) -> BlockPlan:
-    """Group the modules called in `order` (one forward) by identical input tensor, kind and focus."""
+    """Group the modules called in `order` (one forward) by identical input tensor, kind, focus and
+    token set (`memory(name)`: the module reads the encoder output, weighted by its mask)."""
     repeated = sorted({name for name in order if order.count(name) > 1})
     if repeated:
         raise FeatCalError(
             f"{where}: modules {repeated} are called more than once in one forward pass; "
             "FeatCal needs exactly one input per calibrated module"
         )
-    found: list[tuple[tuple, Tensor, Group]] = []  # (kind, eps, focus), input, group
+    found: list[tuple[tuple, Tensor, Group]] = []  # (kind, eps, focus, memory), input, group
     for name in order:
         ref, x = modules[name], inputs[name]
-        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name))
+        reads_memory = bool(memory and memory(name))
+        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name), reads_memory)
         group = next((g for k, gx, g in found if k == key and gx is x), None)
         if group is None:
-            found.append((key, x, Group(ref.kind, [ref], key[2])))
+            found.append((key, x, Group(ref.kind, [ref], key[2], reads_memory)))
         else:
             group.members.append(ref)
     skipped = [name for name in modules if name not in order]
@@ -198,6 +202,7 @@ class TaskStatistics:
                 buf["z_sum"], buf["z_sq"] = zeros(d), zeros(d)
             self.buffers[i] = buf
         self._mask: Tensor | None = None
+        self._memory_mask: Tensor | None = None
         self._cache: ExpertCache | None = None
         self._weights: dict = {}
         self._seen: set[int] = set()
@@ -212,9 +217,11 @@ class TaskStatistics:
                 outputs.update(group.names)
         return inputs, outputs
 
-    def begin_batch(self, mask: Tensor | None, cache: ExpertCache) -> None:
-        """Start a batch: its (batch, tokens) padding weights and the expert's cached tensors."""
-        self._mask, self._cache, self._weights, self._seen = mask, cache, {}, set()
+    def begin_batch(self, mask: Tensor | None, cache: ExpertCache, memory_mask: Tensor | None = None) -> None:
+        """Start a batch: its (batch, tokens) padding weights, those of the encoder output that
+        memory groups read, and the expert's cached tensors."""
+        self._mask, self._memory_mask, self._cache = mask, memory_mask, cache
+        self._weights, self._seen = {}, set()
 
     def end_batch(self) -> None:
         """Check that every group received exactly one input during the batch's forward pass."""
@@ -236,7 +243,7 @@ class TaskStatistics:
         self._seen.add(i)
         buf = self.buffers[i]
         x2 = x.reshape(-1, x.shape[-1])
-        w = self._token_weights(group.focus, x)
+        w = self._token_weights(group, x)
         buf["weight_sum"] += x2.shape[0] if w is None else w.sum()
         if group.kind != LINEAR:
             ops.norm_moments(
@@ -312,15 +319,21 @@ class TaskStatistics:
             out.append(LinearMoments(group, gram, mean_s, rhs, teacher))
         return out
 
-    def _token_weights(self, focus: float | None, x: Tensor) -> Tensor | None:
-        if focus not in self._weights:
-            w = self._mask
-            if focus is not None and x.shape[1] > 1:
+    def _token_weights(self, group: Group, x: Tensor) -> Tensor | None:
+        key = (group.focus, group.memory)
+        if key not in self._weights:
+            w = self._memory_mask if group.memory else self._mask
+            if w is not None and tuple(w.shape) != tuple(x.shape[:2]):
+                raise FeatCalError(
+                    f"task {self.task!r}, block {self.block}: modules {group.names} read "
+                    f"{x.shape[1]} tokens per example but their token weights cover {w.shape[1]}"
+                )
+            if group.focus is not None and x.shape[1] > 1:
                 f = torch.ones(x.shape[:2], dtype=self.dtype, device=x.device)
-                f[:, 1:] = focus
+                f[:, 1:] = group.focus
                 w = f if w is None else w * f
-            self._weights[focus] = None if w is None else w.reshape(-1)
-        return self._weights[focus]
+            self._weights[key] = None if w is None else w.reshape(-1)
+        return self._weights[key]
 
     def _check(self, group: Group, side: str, *tensors: Tensor) -> None:
         if all(ops.all_finite(t) for t in tensors):

@@ -19,6 +19,7 @@ from .capture import Streams, run_block, run_until_stopped, stop_forward
 from .config import FeatCalConfig
 from .errors import FeatCalError
 from .modules import LINEAR, ModuleRef, calibrated_modules
+from .offload import Stream
 from .statistics import (
     BlockPlan,
     ExpertCache,
@@ -115,6 +116,7 @@ def discover_block(
         merged_mods,
         lambda name: adapter.token_focus(index, num_blocks, name),
         f"block {index}",
+        adapter.memory_inputs,
     )
     return plan, output, recording
 
@@ -132,7 +134,7 @@ def statistics_pass(
     task: str,
     index: int,
     first: tuple[torch.Tensor, ExpertCache] | None = None,
-) -> tuple[list[LinearMoments | NormMoments], list[torch.Tensor]]:
+) -> tuple[list[LinearMoments | NormMoments], Stream]:
     """One task's statistics of the merged block (uncalibrated) and the expert's block outputs.
 
     `first`: the expert's output and cache for batch 0 when `discover_block` already ran it.
@@ -153,15 +155,15 @@ def statistics_pass(
     )
     cache = ExpertCache()
     cache.need_inputs, cache.need_outputs = stats.needs()
-    outputs = []
+    outputs = streams.new_stream("expert")
     with expert_hooks(expert_mods, cache), student_hooks(plan, merged_mods, stats, f"block {index}"):
-        for i, hidden in enumerate(streams.student):
+        for i, (hidden, expert_hidden) in enumerate(zip(streams.student, streams.expert)):
             if i == 0 and first is not None:
                 out, batch_cache = first
             else:
-                out = run_block(adapter, expert_block, streams.expert[i], streams.expert_ctx[i])
+                out = run_block(adapter, expert_block, expert_hidden, streams.expert_ctx[i])
                 batch_cache = cache
-            stats.begin_batch(streams.weights[i], batch_cache)
+            stats.begin_batch(streams.weights[i], batch_cache, streams.memory_weights[i])
             run_until_stopped(run_block, adapter, block, hidden, streams.student_ctx[i])
             stats.end_batch()
             batch_cache.clear()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from tiny_models import Family
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 
@@ -24,7 +23,7 @@ def _first_block_inputs(family: Family, model: nn.Module, batch: dict):
 
     handle = family.blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        family.backbone(model)(**batch)
+        family.backbone(model)(**batch, **family.call_kwargs)
     finally:
         handle.remove()
     args = seen["args"]
@@ -41,12 +40,12 @@ def _is_linear(module) -> bool:
 
 
 def _is_rms(module) -> bool:
-    return isinstance(module, (nn.RMSNorm, LlamaRMSNorm))
+    return isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 def _targets(block: nn.Module) -> dict[str, nn.Module]:
-    kinds = (nn.Linear, Conv1D, nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm)
-    return {n: m for n, m in block.named_modules() if n and isinstance(m, kinds)}
+    kinds = (nn.Linear, Conv1D, nn.LayerNorm)
+    return {n: m for n, m in block.named_modules() if n and (isinstance(m, kinds) or _is_rms(m))}
 
 
 def _normalise(module, x):

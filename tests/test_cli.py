@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny_models import CLIP_VISION, make_data, make_experts
 from transformers import CLIPVisionModel
 
 from featcal import FeatCalConfig, calibrate, task_arithmetic, ties_merging
 from featcal.cli import main
 from featcal.data import save_calibration_file
+from featcal.lazy_checkpoint import LazyCheckpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def _expert_args(root, experts):
 
 
 def _weights(path):
-    return load_file(path / "model.safetensors")
+    checkpoint = LazyCheckpoint(path)
+    return checkpoint.read(checkpoint.keys())
 
 
 @pytest.mark.parametrize("method", ["ta", "ties"])
@@ -130,7 +131,7 @@ def test_existing_output_is_refused_unless_overwrite(disk, tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert main(args + ["--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "keep.txt").exists()
 
 
 def test_bad_paths_and_tasks_are_named(disk, tmp_path, capsys):
@@ -183,3 +184,20 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "featcal", "calibrate", "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "--lambda-ratio" in proc.stdout
+
+
+def test_memory_flags_place_streams_and_refuse_a_short_budget(disk, tmp_path, capsys):
+    root, base, experts, _ = disk
+    merged_dir = tmp_path / "merged"
+    task_arithmetic(base, experts, 0.3).save_pretrained(merged_dir)
+    out = tmp_path / "out"
+    args = _calibrate_args(root, experts, merged_dir, out)
+    assert main(args + ["--max-cpu-memory", "1KB"]) == 2
+    assert "does not fit the memory budget (1000 B of memory" in capsys.readouterr().err
+    assert not out.exists()
+
+    offload = tmp_path / "offload"
+    assert main(args + ["--streams", "disk", "--offload-dir", str(offload), "--max-cpu-memory", "4GiB"]) == 0
+    report = json.loads((out / "featcal_report.json").read_text())
+    assert report["memory_plan"]["placement"] == "disk" and report["config"]["max_cpu_memory"] == "4GiB"
+    assert offload.is_dir() and not list(offload.iterdir())

@@ -74,6 +74,7 @@ def test_report_fields_json_and_summary(tmp_path):
     assert [b["drift_calibrated"] for b in loaded["blocks"]] == [b.drift_calibrated for b in report.blocks]
     text = report.summary()
     assert "drift merged" in text and "peak RSS" in text and len(text.splitlines()) == len(report.blocks) + 3
+    assert "streams on device" in text and loaded["memory_plan"]["placement"] == "device"
 
 
 def test_drift_can_be_switched_off():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,19 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaModel,
+    T5Config,
+    T5EncoderModel,
+    T5Model,
     ViTConfig,
     ViTModel,
 )
@@ -41,6 +52,7 @@ class Family:
     backbone: Callable[[nn.Module], nn.Module]
     make_batch: Callable[[torch.Generator, int], dict]
     class_focus: bool = False
+    call_kwargs: dict = field(default_factory=dict)
 
 
 def _vision_batch(gen: torch.Generator, size: int) -> dict:
@@ -78,7 +90,8 @@ def _seeded(fn):
         with torch.no_grad():
             for module in model.modules():
                 weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-                if isinstance(module, (nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm)):
+                norm = type(module).__name__.endswith(("RMSNorm", "T5LayerNorm"))
+                if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or norm:
                     weight.copy_(1 + 0.2 * torch.randn_like(weight))
                     if bias is not None:
                         bias.copy_(0.2 * torch.randn_like(bias))
@@ -154,6 +167,85 @@ BERT = _text_family("bert", BertModel, BertConfig)
 ROBERTA = _text_family("roberta", RobertaModel, RobertaConfig)
 
 FAMILIES = [CLIP_VISION, CLIP_FULL, VIT, BERT, ROBERTA]
+
+_DECODER = dict(
+    vocab_size=100,
+    hidden_size=HIDDEN,
+    intermediate_size=MLP,
+    num_hidden_layers=2,
+    num_attention_heads=HEADS,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=1,
+)
+
+
+def _decoder_family(name: str, model_cls, config_cls) -> Family:
+    return Family(
+        name,
+        _seeded(lambda: model_cls(config_cls(**_DECODER))),
+        blocks=lambda m: m.model.layers,
+        backbone=lambda m: m.model,
+        make_batch=_text_batch,
+        call_kwargs={"use_cache": False},
+    )
+
+
+LLAMA = _decoder_family("llama", LlamaForCausalLM, LlamaConfig)
+MISTRAL = _decoder_family("mistral", MistralForCausalLM, MistralConfig)
+QWEN2 = _decoder_family("qwen2", Qwen2ForCausalLM, Qwen2Config)
+GPT2 = Family(
+    "gpt2",
+    _seeded(
+        lambda: GPT2LMHeadModel(
+            GPT2Config(vocab_size=100, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=64)
+        )
+    ),
+    blocks=lambda m: m.transformer.h,
+    backbone=lambda m: m.transformer,
+    make_batch=_text_batch,
+    call_kwargs={"use_cache": False},
+)
+
+_T5 = dict(
+    vocab_size=100,
+    d_model=HIDDEN,
+    d_kv=8,
+    d_ff=MLP,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=HEADS,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu",
+)
+
+
+def _t5_batch(gen: torch.Generator, size: int, pad_to: int | None = None) -> dict:
+    batch = _text_batch(gen, size, pad_to=pad_to)
+    target = _text_batch(gen, size, length=6)
+    return {
+        **batch,
+        "decoder_input_ids": target["input_ids"],
+        "decoder_attention_mask": target["attention_mask"],
+    }
+
+
+T5 = Family(
+    "t5",
+    _seeded(lambda: T5Model(T5Config(**_T5))),
+    blocks=lambda m: m.decoder.block,
+    backbone=lambda m: m,
+    make_batch=_t5_batch,
+)
+T5_ENCODER = Family(
+    "t5-encoder",
+    _seeded(lambda: T5EncoderModel(T5Config(**_T5))),
+    blocks=lambda m: m.encoder.block,
+    backbone=lambda m: m,
+    make_batch=_text_batch,
+)
+
+LARGE_FAMILIES = [LLAMA, MISTRAL, QWEN2, GPT2, T5, T5_ENCODER]
 
 
 class ToyBlock(nn.Module):
@@ -246,4 +338,6 @@ def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 
 def features(family: Family, model: nn.Module, batches) -> torch.Tensor:
     """Final hidden states of the backbone on `batches` (concatenated over batches)."""
     with torch.no_grad():
-        return torch.cat([family.backbone(model)(**b).last_hidden_state for b in batches])
+        return torch.cat(
+            [family.backbone(model)(**b, **family.call_kwargs).last_hidden_state for b in batches]
+        )

@@ -1,0 +1,124 @@
+"""The models of a run (merged, base, each expert) as the driver reads them: one block at a time.
+
+A source is an in-memory module, or a local safetensors checkpoint read lazily (`LazyModel`):
+then only the block being calibrated, and during capture the backbone's front (embeddings), is
+ever in memory. A model with stages (T5: encoder, then decoder) has one block list per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, find_adapter
+from .checkpoint import load_model, resolve
+from .errors import FeatCalError
+from .lazy_checkpoint import LazyCheckpoint
+from .lazy_model import LazyModel
+
+log = logging.getLogger("featcal")
+
+ModelLike = nn.Module | str | os.PathLike
+
+
+def device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move `module` to `device` for the duration, then back where it was."""
+    home = device_of(module)
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+class ModelSource:
+    """One role's model: its adapter, its stages and their blocks (real, or skeletons when lazy)."""
+
+    def __init__(self, model: nn.Module, role: str, lazy: LazyModel | None = None) -> None:
+        self.model, self.role, self.lazy = model, role, lazy
+        self.adapter: ModelAdapter = find_adapter(model, role)
+        _check_same_layers(model, role)
+        self.stages: list[ModelAdapter] = []
+        stage: ModelAdapter | None = self.adapter
+        while stage is not None:
+            self.stages.append(stage)
+            stage = stage.next_stage
+        self.blocks = [list(s.blocks(s.backbone(model))) for s in self.stages]
+        if lazy is not None:
+            lazy.check(block for stage in self.blocks for block in stage)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lazy.dtype if self.lazy else next(self.model.parameters()).dtype
+
+    @contextmanager
+    def block(self, stage: int, index: int, device: torch.device) -> Iterator[nn.Module]:
+        """Block `index` of a stage with its weights on `device` for the duration (a lazy source
+        reads it from disk and frees it after)."""
+        skeleton = self.blocks[stage][index]
+        if self.lazy is None:
+            with on_device(skeleton, device) as block:
+                yield block
+            return
+        yield self.lazy.block(skeleton, device)  # the caller drops it after the block: then it is freed
+
+    @contextmanager
+    def front(self, stage: int, device: torch.device) -> Iterator[nn.Module]:
+        """The model, ready to run its stage's backbone up to the first block on `device`."""
+        if self.lazy is None:
+            with on_device(self.model, device) as model:
+                yield model
+            return
+        adapter = self.stages[stage]
+        with self.lazy.front(adapter.backbone(self.model), self.blocks[stage], device):
+            yield self.model
+
+    def block_bytes(self, stage: int, index: int) -> int:
+        """Bytes of one block's parameters in the dtype it runs in."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(p.numel() for p in self.blocks[stage][index].parameters()) * size
+
+
+def _check_same_layers(model: nn.Module, role: str) -> None:
+    """Block 0's inputs are replayed to every block: models whose layers receive different masks
+    (sliding-window layers mixed with full attention, per `config.layer_types`) are refused."""
+    kinds = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
+    if len(kinds) > 1:
+        raise FeatCalError(
+            f"the {role} mixes layer types {sorted(kinds)} (config.layer_types): its blocks receive "
+            "different attention masks, and featcal replays the first block's inputs to every block; "
+            "this is not supported yet"
+        )
+
+
+def open_source(model: ModelLike, role: str, dtype: torch.dtype | None = None) -> ModelSource:
+    """A source for a module, a local checkpoint directory (read lazily when it holds safetensors,
+    its floating tensors cast to `dtype`), or a hub id (loaded in memory)."""
+    if isinstance(model, nn.Module):
+        return ModelSource(model, role)
+    if not isinstance(model, (str, os.PathLike)):
+        kind = type(model).__name__
+        raise FeatCalError(f"the {role} must be a torch module or a checkpoint path, got {kind}")
+    where = resolve(model)
+    if isinstance(where, Path) and LazyCheckpoint.holds_safetensors(where):
+        lazy = LazyModel(where, role, dtype)
+        return ModelSource(lazy.model, role, lazy)
+    if isinstance(where, Path):
+        log.warning("the %s checkpoint %s has no safetensors and is loaded whole into memory", role, where)
+    loaded = load_model(where)
+    return ModelSource(loaded if dtype is None else loaded.to(dtype), role)
