@@ -90,20 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_merge(args) -> None:
     from .checkpoint import atomic_directory, check_output, load_model, resolve, save_model
-    from .merging import task_arithmetic, ties_merging
+    from .lazy_checkpoint import LazyCheckpoint
+    from .merging import task_arithmetic, task_arithmetic_checkpoints, ties_merging
 
     check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")
-    base = load_model(args.base)
-    experts = {task: load_model(path) for task, path in experts_src.items()}
-    if args.method == "ta":
-        merged = task_arithmetic(base, experts, scaling=0.3 if args.scaling is None else args.scaling)
-    else:
-        scaling = 1.0 if args.scaling is None else args.scaling
-        merged = ties_merging(base, experts, scaling=scaling, density=args.density)
+    sources = [resolve(args.base), *map(resolve, experts_src.values())]
+    lazy = all(isinstance(s, Path) and LazyCheckpoint.holds_safetensors(s) for s in sources)
+    scaling = args.scaling if args.scaling is not None else 0.3 if args.method == "ta" else 1.0
     with atomic_directory(args.out, args.overwrite) as tmp:
-        save_model(merged, tmp, companions_from=resolve(args.base))
-    print(f"merged {len(experts)} experts by {args.method} into {args.out}")
+        if args.method == "ta" and lazy:
+            # Local safetensors checkpoints: merged a group of tensors at a time, never a whole model.
+            task_arithmetic_checkpoints(sources[0], dict(zip(experts_src, sources[1:])), tmp, scaling=scaling)
+        else:
+            base = load_model(sources[0])
+            experts = {task: load_model(path) for task, path in zip(experts_src, sources[1:])}
+            if args.method == "ta":
+                merged = task_arithmetic(base, experts, scaling=scaling)
+            else:
+                merged = ties_merging(base, experts, scaling=scaling, density=args.density)
+            save_model(merged, tmp, companions_from=sources[0])
+    print(f"merged {len(experts_src)} experts by {args.method} into {args.out}")
 
 
 def run_calibrate(args) -> None:

@@ -7,19 +7,28 @@ from the base). Arithmetic runs in float32 (float64 for float64 tensors) and is 
 - TIES (Yadav et al., 2023): trim each tau_t to its `density` fraction of largest magnitudes
   (over all its entries), elect per entry the sign of sum_t trimmed tau_t, average the trimmed
   entries that agree with that sign: theta = theta_base + scaling * mean.
+
+`task_arithmetic_checkpoints` computes Task Arithmetic over safetensors checkpoint directories
+a group of tensors at a time, so that no model is ever whole in memory.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import COMPANION_FILES
 from .errors import FeatCalError
+from .lazy_checkpoint import LazyCheckpoint
 from .ops import accumulator_dtype
+from .sharded_writer import ShardedWriter
 
 StateLike = nn.Module | Mapping[str, Tensor]
 
@@ -37,6 +46,46 @@ def task_arithmetic(base: StateLike, experts: Mapping[str, StateLike], scaling: 
             acc.add_(_task_vector(key, b, sd, task), alpha=scaling)
         merged[key] = acc.to(b.dtype)
     return _like(base, merged)
+
+
+def task_arithmetic_checkpoints(
+    base: str | os.PathLike,
+    experts: Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    scaling: float = 0.3,
+    group_bytes: int = 2**30,
+) -> None:
+    """`task_arithmetic` over safetensors checkpoint directories into the directory `out`, holding
+    one group of tensors (about `group_bytes` of the base) of the base and of one expert at a
+    time; the same arithmetic, so the same result. Copies the base's config and companion files."""
+    if not experts:
+        raise FeatCalError("no experts to merge")
+    source = LazyCheckpoint(base)
+    tasks = {task: LazyCheckpoint(path) for task, path in experts.items()}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in source.keys():
+        if groups[-1] and size + source.nbytes([key]) > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += source.nbytes([key])
+    writer = ShardedWriter(out, len(groups))
+    for number, keys in enumerate(groups):
+        base_sd = source.read(keys)
+        floating = [k for k in keys if base_sd[k].is_floating_point()]
+        merged = {k: base_sd[k].to(accumulator_dtype(base_sd[k].dtype), copy=True) for k in floating}
+        for task, checkpoint in tasks.items():
+            expert_sd = checkpoint.read([k for k in floating if k in checkpoint])
+            for key in floating:
+                merged[key].add_(_task_vector(key, base_sd[key], expert_sd, task), alpha=scaling)
+            del expert_sd
+        base_sd.update({k: merged[k].to(base_sd[k].dtype) for k in floating})
+        writer.write_shard(number, base_sd)
+    writer.finish()
+    for name in ("config.json", *COMPANION_FILES):
+        if (Path(base) / name).is_file():
+            shutil.copy2(Path(base) / name, Path(out) / name)
 
 
 def ties_merging(

@@ -62,3 +62,52 @@ def test_merge_errors_name_task_key_and_shapes():
         ties_merging(base, {"y": base}, density=0.0)
     with pytest.raises(FeatCalError, match="no experts"):
         task_arithmetic(base, {})
+
+
+def test_task_arithmetic_on_checkpoints_equals_in_memory_and_reads_in_groups(tmp_path, monkeypatch):
+    from featcal.lazy_checkpoint import LazyCheckpoint
+    from featcal.merging import task_arithmetic_checkpoints
+
+    base = CLIP_VISION.build(0).to(torch.bfloat16)
+    experts = make_experts(base, 3)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    for task, expert in experts.items():
+        expert.save_pretrained(tmp_path / task)
+    reads = []
+    original = LazyCheckpoint.read
+
+    def recording(self, keys, *args, **kwargs):
+        keys = list(keys)
+        reads.append(sum(self.nbytes([k]) for k in keys))
+        return original(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(LazyCheckpoint, "read", recording)
+    group = 16 * 1024
+    out = tmp_path / "merged"
+    task_arithmetic_checkpoints(tmp_path / "base", {t: tmp_path / t for t in experts}, out, 0.4, group)
+    monkeypatch.undo()
+
+    want = task_arithmetic(base, experts, scaling=0.4).state_dict()
+    got = LazyCheckpoint(out)
+    largest = max(got.nbytes([k]) for k in got.keys())
+    assert len(reads) > 3 * 4 and max(reads) <= max(group, largest)
+    assert (out / "config.json").is_file()
+    for key in got.keys():
+        (value,) = got.read([key]).values()
+        assert value.dtype == torch.bfloat16 and torch.equal(value, want[key]), key
+
+
+def test_task_arithmetic_on_checkpoints_names_a_missing_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from featcal.merging import task_arithmetic_checkpoints
+
+    base = CLIP_VISION.build(0)
+    base.save_pretrained(tmp_path / "base")
+    state = {k: v for k, v in base.state_dict().items() if not k.endswith("layers.1.mlp.fc1.weight")}
+    (tmp_path / "e").mkdir()
+    save_file(state, tmp_path / "e" / "model.safetensors")
+    with pytest.raises(
+        FeatCalError, match=r"expert 'e' has no tensor 'encoder\.layers\.1\.mlp\.fc1\.weight'"
+    ):
+        task_arithmetic_checkpoints(tmp_path / "base", {"e": tmp_path / "e"}, tmp_path / "out")
