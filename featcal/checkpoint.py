@@ -105,6 +105,13 @@ def save_model(model: nn.Module, out: Path, companions_from: Path | str | None =
     """`save_pretrained` (safetensors) into `out`, plus processor/tokenizer files of a source directory."""
     model.save_pretrained(out, safe_serialization=True)
     if isinstance(companions_from, Path):
-        for name in COMPANION_FILES:
-            if (companions_from / name).is_file() and not (out / name).exists():
-                shutil.copy2(companions_from / name, out / name)
+        copy_companions(companions_from, out)
+
+
+def copy_companions(source: str | os.PathLike, out: str | os.PathLike, config: bool = False) -> None:
+    """Copy the processor / tokenizer / generation files (and with `config`, config.json) of a
+    checkpoint directory into `out`, where `out` lacks them."""
+    source, out = Path(source), Path(out)
+    for name in ("config.json",) * config + COMPANION_FILES:
+        if (source / name).is_file() and not (out / name).exists():
+            shutil.copy2(source / name, out / name)

@@ -160,8 +160,8 @@ def _run(
         blocks: list[BlockReport] = []
         total = sum(len(b) for b in student.blocks)
         bar = tqdm(total=total, desc="featcal: blocks", disable=not cfg.progress)
+        home = device if plan.placement == "device" else torch.device("cpu")  # of the block arguments
         for k in range(len(student.stages)):
-            home = device if plan.placement == "device" else torch.device("cpu")
             previous = streams
             streams = _capture_stage(
                 k,

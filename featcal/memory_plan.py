@@ -103,7 +103,7 @@ def estimate(
     """The plan's sizes. blocks: the merged model's blocks (shapes only); block_bytes: the largest
     block's weights; batches: (examples, tokens, hidden) of every batch of every task, in the
     model's dtype; context_bytes: the captured block arguments of all batches of all tasks."""
-    size, acc = _itemsize(dtype), _itemsize(accumulator)
+    size, acc = dtype.itemsize, accumulator.itemsize
     statistics = activations_per_token = 0
     for block in blocks:
         modules = calibrated_modules(block).values()
@@ -170,7 +170,3 @@ def choose_placement(
 
 def _budget(limit: int | None, what: str) -> str:
     return f"{what} unbounded" if limit is None else f"{human(limit)} of {what}"
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

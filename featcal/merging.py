@@ -17,14 +17,12 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import COMPANION_FILES
+from .checkpoint import copy_companions
 from .errors import FeatCalError
 from .lazy_checkpoint import LazyCheckpoint
 from .ops import accumulator_dtype
@@ -83,9 +81,7 @@ def task_arithmetic_checkpoints(
         base_sd.update({k: merged[k].to(base_sd[k].dtype) for k in floating})
         writer.write_shard(number, base_sd)
     writer.finish()
-    for name in ("config.json", *COMPANION_FILES):
-        if (Path(base) / name).is_file():
-            shutil.copy2(Path(base) / name, Path(out) / name)
+    copy_companions(base, out, config=True)
 
 
 def ties_merging(

@@ -9,12 +9,11 @@ temporary directory and renames it when the run succeeds.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import COMPANION_FILES
+from .checkpoint import copy_companions
 from .lazy_model import LazyModel
 from .sharded_writer import ShardedWriter
 
@@ -44,7 +43,4 @@ class OutputCheckpoint:
     def finish(self) -> None:
         """The index, and config.json, generation and tokenizer / processor files of the merged model."""
         self.writer.finish()
-        for name in ("config.json", *COMPANION_FILES):
-            source = self.merged.path / name
-            if source.is_file():
-                shutil.copy2(source, self.directory / name)
+        copy_companions(self.merged.path, self.directory, config=True)

@@ -90,8 +90,7 @@ class ModelSource:
 
     def block_bytes(self, stage: int, index: int) -> int:
         """Bytes of one block's parameters in the dtype it runs in."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(p.numel() for p in self.blocks[stage][index].parameters()) * size
+        return sum(p.numel() for p in self.blocks[stage][index].parameters()) * self.dtype.itemsize
 
 
 def _check_same_layers(model: nn.Module, role: str) -> None:
