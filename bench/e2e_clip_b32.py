@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import types
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 SEED = 0
 TASKS = 4
@@ -158,16 +158,6 @@ def compare(a: str, b: str) -> dict:
     return {"max_weight_rel_diff": worst, "features_rel_diff": features}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -212,7 +202,7 @@ def main() -> None:
         )
     summary = {
         "case": "B32-4x32" if args.layers == 12 else f"B32-4x32 ({args.layers} blocks)",
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "featcal_config": {"drift_examples": drift},

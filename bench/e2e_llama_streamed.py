@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 CONFIG = dict(
     hidden_size=1024,
@@ -167,8 +167,7 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr)
     streamed = [r["streamed"]["peak_rss_bytes"] for r in rows]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": "python bench/e2e_llama_streamed.py --experts " + args.experts,
         "config": {**CONFIG, "sequences_per_task": SEQUENCES, "tokens": TOKENS, "batch": BATCH},
         "model_bytes": model_bytes,

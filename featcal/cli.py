@@ -3,6 +3,7 @@
     featcal merge --method ta --base BASE --experts t1=DIR t2=DIR --out MERGED
     featcal calibrate --base BASE --merged MERGED --experts t1=DIR ... --data t1=FILE ... --out OUT
     featcal backends          (builds featcal._C if needed; what serves each op)
+    featcal demo              (experts on scikit-learn's digits, their merge, FeatCal; no download)
 
 Bad input exits with status 2 and a one-line message naming what is wrong; outputs are
 written under a temporary name and renamed when complete.
@@ -41,6 +42,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _hyperparameter_options(parser: argparse.ArgumentParser) -> None:
+    """FeatCal's hyperparameters (FeatCalConfig's fields of the same names)."""
+    defaults = FeatCalConfig()
+    parser.add_argument("--lambda-ratio", type=float, default=defaults.lambda_ratio, help="ridge weight")
+    parser.add_argument("--anchor-blend-rho", type=float, default=defaults.anchor_blend_rho)
+    parser.add_argument("--teacher-interp-alpha", type=float, default=defaults.teacher_interp_alpha)
+    parser.add_argument("--covariance-eps", type=float, default=defaults.covariance_eps)
+    parser.add_argument("--no-calibrate-bias", dest="calibrate_bias", action="store_false")
+    parser.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
+    parser.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict:
+    names = ("lambda_ratio", "anchor_blend_rho", "teacher_interp_alpha", "covariance_eps")
+    names += ("calibrate_bias", "calibrate_layernorm", "cross_method")
+    return {name: getattr(args, name) for name in names}
+
+
+def _counts(text: str) -> list[int]:
+    """'8,32,128' -> [8, 32, 128]."""
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcal", description="FeatCal post-merging calibration.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,14 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-size", type=int, default=16)
     cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     cal.add_argument("--report", type=Path, help="also write the JSON report here")
+    _hyperparameter_options(cal)
     defaults = FeatCalConfig()
-    cal.add_argument("--lambda-ratio", type=float, default=defaults.lambda_ratio)
-    cal.add_argument("--anchor-blend-rho", type=float, default=defaults.anchor_blend_rho)
-    cal.add_argument("--teacher-interp-alpha", type=float, default=defaults.teacher_interp_alpha)
-    cal.add_argument("--covariance-eps", type=float, default=defaults.covariance_eps)
-    cal.add_argument("--no-calibrate-bias", dest="calibrate_bias", action="store_false")
-    cal.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
-    cal.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
     cal.add_argument(
         "--streams",
         choices=["auto", "device", "cpu", "disk"],
@@ -85,7 +109,57 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.drift_examples,
         help="examples per task on which the report measures feature drift (0: none)",
     )
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on real data, nothing to download: experts, their merge, FeatCal",
+        description="Trains a CLIP-style base and one expert per task on scikit-learn's digits "
+        "(cached after the first run), merges the experts, calibrates the merge with FeatCal and "
+        "scores every task on held-out data.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("featcal-demo"), help="for report.json and demo.png")
+    demo.add_argument(
+        "--samples-per-task", type=int, help="unlabeled examples per task for FeatCal (default: 256)"
+    )
+    demo.add_argument("--merge", choices=["ta", "ties"], default="ta")
+    demo.add_argument("--scaling", type=float, help="of the merged task vector (ta: 0.3, ties: 1.0)")
+    demo.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
+    _hyperparameter_options(demo)
+    demo.add_argument(
+        "--sweep-samples",
+        type=_counts,
+        default=[],
+        metavar="N,N,...",
+        help="also calibrate with these examples per task",
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a smaller model and shorter training (a smoke test)"
+    )
+    demo.add_argument("--cache-dir", type=Path, help="for the trained models (default: featcal's user cache)")
+    demo.add_argument("--retrain", action="store_true", help="train again even if the models are cached")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from . import demo
+
+    samples = demo.DemoConfig.samples_per_task if args.samples_per_task is None else args.samples_per_task
+    config = demo.DemoConfig(
+        recipe=demo.QUICK_RECIPE if args.quick else demo.Recipe(),
+        samples_per_task=samples,
+        merge=args.merge,
+        scaling=args.scaling,
+        density=args.density,
+        featcal=FeatCalConfig(**_hyperparameters(args), drift_examples=None),
+        sweep_samples=args.sweep_samples,
+        out=args.out,
+        cache_dir=args.cache_dir,
+        retrain=args.retrain,
+        progress=not args.quiet,
+    )
+    print(demo.summary(demo.run_demo(config)))
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'demo.png'}")
 
 
 def run_merge(args) -> None:
@@ -123,13 +197,7 @@ def run_calibrate(args) -> None:
     experts_src = _pairs(args.experts, "--experts")
     data_src = _pairs(args.data, "--data")
     config = FeatCalConfig(
-        lambda_ratio=args.lambda_ratio,
-        anchor_blend_rho=args.anchor_blend_rho,
-        teacher_interp_alpha=args.teacher_interp_alpha,
-        covariance_eps=args.covariance_eps,
-        calibrate_bias=args.calibrate_bias,
-        calibrate_layernorm=args.calibrate_layernorm,
-        cross_method=args.cross_method,
+        **_hyperparameters(args),
         drift_examples=args.drift_examples,
         stream_placement=args.streams,
         max_gpu_memory=args.max_gpu_memory,
@@ -170,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="featcal: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        {"merge": run_merge, "calibrate": run_calibrate, "backends": run_backends}[args.command](args)
+        commands = {
+            "merge": run_merge,
+            "calibrate": run_calibrate,
+            "backends": run_backends,
+            "demo": run_demo,
+        }
+        commands[args.command](args)
     except FeatCalError as err:
         print(f"featcal: error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic_file import atomic_file
 from .errors import FeatCalError
 
 INPUT_KEYS = ("pixel_values", "input_ids")
@@ -43,10 +44,5 @@ def load_calibration_file(path: str | os.PathLike, batch_size: int) -> list[dict
 
 def save_calibration_file(path: str | os.PathLike, inputs: Mapping[str, Tensor]) -> None:
     """Write model inputs (e.g. a processor's output) as a calibration data file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in inputs.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """featcal._C, the compiled solves (csrc/), built on first use against the installed torch.
 
 `load()` compiles the sources once with torch.utils.cpp_extension (ninja and the system C++
-compiler) into `$FEATCAL_CACHE_DIR/extensions`, else `~/.cache/featcal/extensions` (or
-`$XDG_CACHE_HOME/featcal/extensions`), one folder per torch, Python and source location;
+compiler) into `extensions/` under featcal's user cache (`$FEATCAL_CACHE_DIR`, else e.g.
+`~/.cache/featcal`), one folder per torch, Python and source location;
 later processes reuse the build while the sources, the flags and torch are unchanged. The
 same build serves CUDA tensors when torch has CUDA: that path calls ATen's Cholesky, which
 runs on cuSOLVER, so no nvcc is needed. When the build or the import fails, `load()` returns
@@ -22,6 +22,8 @@ from types import ModuleType
 
 import torch
 
+from .user_cache import user_cache_dir
+
 log = logging.getLogger("featcal")
 
 NAME = "featcal_C"
@@ -30,20 +32,12 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
-def cache_dir() -> Path:
-    """Where featcal keeps what it builds or trains: FEATCAL_CACHE_DIR or the user cache."""
-    if os.environ.get("FEATCAL_CACHE_DIR"):
-        return Path(os.environ["FEATCAL_CACHE_DIR"]).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "featcal"
-
-
 def build_dir() -> Path:
     """The extension's build directory, one per torch version, Python version and source folder
     (two installs of featcal would otherwise rebuild each other's)."""
     where = hashlib.sha1(str(sources()[0].parent).encode()).hexdigest()[:10]
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{where}"
-    return cache_dir() / "extensions" / tag.replace("+", "_")
+    return user_cache_dir() / "extensions" / tag.replace("+", "_")
 
 
 def sources() -> list[Path]:
@@ -76,7 +70,9 @@ def _build() -> ModuleType:
 
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
-    log.warning("featcal: compiling the C++ extension featcal._C (once, about a minute) into %s", target)
+    built = [p for p in target.glob(f"{NAME}.*") if p.suffix in (".so", ".pyd")]
+    if not built or any(p.stat().st_mtime > built[0].stat().st_mtime for p in sources()):
+        log.warning("featcal: compiling the C++ extension featcal._C (once, about a minute) into %s", target)
     module = load_extension(
         name=NAME,
         sources=[str(p) for p in sources()],

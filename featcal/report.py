@@ -8,11 +8,11 @@ over tasks. `drift_merged` is the merged model as given, `drift_calibrated` afte
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .atomic_file import atomic_file
 
 
 @dataclass
@@ -96,13 +96,5 @@ def peak_cpu_rss_bytes() -> int | None:
 
 def write_json_atomic(path: str | Path, data) -> None:
     """json.dump to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

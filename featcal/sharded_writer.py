@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .atomic_file import atomic_file
 from .errors import FeatCalError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,7 +69,8 @@ class ShardedWriter:
                 tensor = tensor.clone()
             storages.add(storage)
             prepared[key] = tensor
-        _write_atomically(self.directory / name, lambda tmp: save_file(prepared, tmp, metadata=self.metadata))
+        with atomic_file(self.directory / name) as tmp:
+            save_file(prepared, tmp, metadata=self.metadata)
         self._written.add(number)
         for key, tensor in prepared.items():
             self._weight_map[key] = name
@@ -87,21 +88,6 @@ class ShardedWriter:
         }
         if self.num_shards > 1:
             text = json.dumps(index, indent=2) + "\n"
-            _write_atomically(self.directory / INDEX_FILE, lambda tmp: tmp.write_text(text))
+            with atomic_file(self.directory / INDEX_FILE) as tmp:
+                tmp.write_text(text)
         return index
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call `write(tmp)` for a temporary file beside `path`, then rename it to `path`; on any
-    failure remove the temporary file and leave `path` untouched."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        # safetensors 0.8 creates files with mode 0600; give the usual mode under the umask instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

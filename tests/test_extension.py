@@ -119,6 +119,12 @@ def test_assemble_on_noncontiguous_views(cpp):
     assert torch.allclose(A, G / n)
 
 
+def test_a_built_extension_loads_without_the_compiling_warning(cpp, caplog):
+    with caplog.at_level(logging.WARNING, logger="featcal"):
+        extension._build()
+    assert not [r for r in caplog.records if "compiling" in r.getMessage()]
+
+
 def test_failed_build_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("Error building extension 'featcal_C'\ncompiler output ...")
