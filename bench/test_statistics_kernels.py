@@ -123,7 +123,7 @@ class _Case:
         expert = {ref.name: ref for g in groups for ref in g.members}
         stats = TaskStatistics(
             BlockPlan(groups, "mlp"), expert, alpha=ALPHA, tokens=self.shape.n, cross_method="auto",
-            tf32=tf32, dtype=torch.float32, device=_device(), task="bench", block=0,
+            tf32=tf32, dtype=torch.float32, device=_device(), where="bench",
         )  # fmt: skip
         cache = ExpertCache()
         cache.need_inputs, cache.need_outputs = stats.needs()

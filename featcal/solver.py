@@ -96,52 +96,66 @@ class BlockSystem:
         The anchor is taken from the merged block as it is now (before any update) and the base.
         Call once: the sums become the right-hand sides, in place.
         """
+        anchors = {
+            m.name: self._anchors(merged[m.name], None if base is None else base[m.name])
+            for group in self.plan.groups
+            for m in group.members
+        }
+        return [(merged[name], which, value) for name, which, value in self.solve_with_anchors(anchors)]
+
+    def solve_with_anchors(
+        self, anchors: dict[str, tuple[Tensor | None, Tensor | None]]
+    ) -> list[tuple[str, str, Tensor]]:
+        """New (module name, 'weight' | 'bias', value) of every calibrated parameter.
+
+        anchors[name]: (anchor of W (d_out, d_in) or of gamma, anchor of the bias), each None where
+        that parameter has no anchor (then it gets no ridge term). Which members have a bias, and
+        their d_out, are read from the plan's module references. Call once.
+        """
         cfg = self.config
         lam, eps = cfg.ridge, cfg.covariance_eps
         updates = []
         for group, sums in zip(self.plan.groups, self.sums):
-            refs = [merged[m.name] for m in group.members]
-            bases = [base[m.name] if base is not None else None for m in group.members]
+            group_anchors = [anchors[name] for name in group.names]
             if group.kind == LINEAR:
-                updates += self._solve_linear(sums, refs, bases, lam, eps)
+                updates += self._solve_linear(sums, group.members, group_anchors, lam, eps)
             elif cfg.calibrate_layernorm:
-                updates += self._solve_norm(sums, refs, bases, lam, eps)
+                updates += self._solve_norm(sums, group.members, group_anchors, lam, eps)
         return updates
 
-    def _solve_linear(self, sums, refs, bases, lam, eps):
-        anchors = [self._anchors(ref, b) for ref, b in zip(refs, bases)]
+    def _solve_linear(self, sums, refs, anchors, lam, eps):
         rhs = [B if a is None else B.add_(a.mT, alpha=lam) for B, (a, _) in zip(sums["B"], anchors)]
         X = ops.ridge_solve(sums["A"], rhs, lam + (eps if eps > 0 else 0.0))
         updates, start = [], 0
         for k, ref in enumerate(refs):
             W = X[:, start : start + ref.d_out].mT
             start += ref.d_out
-            updates.append((ref, "weight", W))
+            updates.append((ref.name, "weight", W))
             if not self.config.calibrate_bias or ref.bias() is None:
                 continue
             num, den = sums["R"][k] - W @ sums["V"], sums["s"]
             bias_anchor = anchors[k][1]
             if bias_anchor is not None:
                 num, den = num + lam * bias_anchor, den + lam
-            updates.append((ref, "bias", num / den.clamp_min(torch.finfo(self.dtype).eps)))
+            updates.append((ref.name, "bias", num / den.clamp_min(torch.finfo(self.dtype).eps)))
         return updates
 
-    def _solve_norm(self, sums, refs, bases, lam, eps):
+    def _solve_norm(self, sums, refs, anchors, lam, eps):
         updates = []
         for k, ref in enumerate(refs):
-            g_anchor, c_anchor = self._anchors(ref, bases[k])
+            g_anchor, c_anchor = anchors[k]
             lam_g = lam if g_anchor is not None else 0.0
             r1 = sums["r1"][k] + (lam * g_anchor if g_anchor is not None else 0.0)
             if ref.bias() is None:
                 den = (sums["energy"] + lam_g).clamp_min(torch.finfo(self.dtype).eps)
-                updates.append((ref, "weight", r1 / den))
+                updates.append((ref.name, "weight", r1 / den))
                 continue
             lam_c = lam if c_anchor is not None else 0.0
             r2 = sums["r2"][k] + (lam * c_anchor if c_anchor is not None else 0.0)
             a11, a12, a22 = sums["energy"] + lam_g, sums["mean"], self.tasks + lam_c
             det = (a11 * a22 - a12.square()).clamp_min(eps)
-            updates.append((ref, "weight", (a22 * r1 - a12 * r2) / det))
-            updates.append((ref, "bias", (a11 * r2 - a12 * r1) / det))
+            updates.append((ref.name, "weight", (a22 * r1 - a12 * r2) / det))
+            updates.append((ref.name, "bias", (a11 * r2 - a12 * r1) / det))
         return updates
 
     def _anchors(self, ref: ModuleRef, base: ModuleRef | None) -> tuple[Tensor | None, Tensor | None]:

@@ -121,6 +121,17 @@ class LinearMoments:
 
 
 @dataclass
+class CrossMoments:
+    """One task's statistics of a linear group in the reference's form: G_t, mu_s, C_t and mu_t."""
+
+    group: Group
+    gram: Tensor
+    mean_student: Tensor
+    cross: Tensor
+    mean_teacher: Tensor
+
+
+@dataclass
 class NormMoments:
     """One task's statistics of a norm group: weighted mean and energy of z = norm(x_s)."""
 
@@ -175,11 +186,10 @@ class TaskStatistics:
         tf32: bool = False,
         dtype: torch.dtype,
         device: torch.device,
-        task: str,
-        block: int,
+        where: str,
     ) -> None:
         self.plan, self.expert, self.alpha, self.tf32 = plan, expert, float(alpha), tf32
-        self.task, self.block = task, block
+        self.where = where  # names the task and block in messages
         self.dtype, self.device = dtype, device
         self.method: dict[int, str] = {}
         self.per_token: dict[int, bool] = {}
@@ -228,7 +238,7 @@ class TaskStatistics:
         missed = [g.names for i, g in enumerate(self.plan.groups) if i not in self._seen]
         if missed:
             raise FeatCalError(
-                f"task {self.task!r}, block {self.block}: modules {missed} were not called in a "
+                f"{self.where}: modules {missed} were not called in a "
                 "forward pass that called them in the first batch"
             )
 
@@ -237,7 +247,7 @@ class TaskStatistics:
         group = self.plan.groups[i]
         if i in self._seen:
             raise FeatCalError(
-                f"task {self.task!r}, block {self.block}: modules {group.names} were called twice "
+                f"{self.where}: modules {group.names} were called twice "
                 "in one forward pass; FeatCal needs exactly one input per calibrated module"
             )
         self._seen.add(i)
@@ -258,6 +268,12 @@ class TaskStatistics:
         ops.weighted_gram(x2, w, buf["gram"], lower_only=True, out_sum=buf["sum_s"], tf32=self.tf32)
         if self.method[i] == "cross":
             xe = self._cache.inputs[group.leader.name]
+            if xe.shape != x.shape:
+                raise FeatCalError(
+                    f"{self.where}: module {group.leader.name!r} reads an "
+                    f"input of shape {tuple(x.shape)} in the merged model but {tuple(xe.shape)} in "
+                    "the expert"
+                )
             xe2 = xe.reshape(-1, xe.shape[-1])
             ops.weighted_cross(x2, xe2, w, buf["cross"], out_sum_y=buf["sum_e"], tf32=self.tf32)
             return
@@ -274,16 +290,20 @@ class TaskStatistics:
                 out_sum = None
             ops.weighted_cross(x2, y, w, buf[f"rhs:{m.name}"], out_sum_y=out_sum, tf32=self.tf32)
 
-    def finish(self) -> list[LinearMoments | NormMoments]:
-        """The task's normalised statistics per group, checked for NaN and Inf."""
+    def finish(self, project: bool = True) -> list[LinearMoments | CrossMoments | NormMoments]:
+        """The task's normalised statistics per group, checked for NaN and Inf.
+
+        With project=False, linear groups accumulated by the 'cross' method come back as
+        CrossMoments (C_t and mu_t themselves) instead of being multiplied by the expert weights.
+        """
         out = []
         for i, group in enumerate(self.plan.groups):
             buf = self.buffers.pop(i)
             total = buf["weight_sum"]
             if not total > 0:
                 raise FeatCalError(
-                    f"task {self.task!r}: no token with nonzero weight reached block {self.block} "
-                    f"module(s) {group.names}; every calibration token is padding"
+                    f"{self.where}: no token with nonzero weight reached module(s) {group.names}; "
+                    "every calibration token is padding"
                 )
             if group.kind != LINEAR:
                 mean, energy = buf["z_sum"] / total, buf["z_sq"] / total
@@ -298,6 +318,9 @@ class TaskStatistics:
                 cross = buf["cross"].div_(total).mul_(self.alpha).add_(gram, alpha=1 - self.alpha)
                 mean_t = buf["sum_e"].div_(total).mul_(self.alpha).add_(mean_s, alpha=1 - self.alpha)
                 self._check(group, "expert", cross, mean_t)
+                if not project:
+                    out.append(CrossMoments(group, gram, mean_s, cross, mean_t))
+                    continue
                 for m in group.members:
                     W, _ = self.expert[m.name].params(self.dtype, self.device)
                     rhs.append(cross @ W.mT)
@@ -325,7 +348,7 @@ class TaskStatistics:
             w = self._memory_mask if group.memory else self._mask
             if w is not None and tuple(w.shape) != tuple(x.shape[:2]):
                 raise FeatCalError(
-                    f"task {self.task!r}, block {self.block}: modules {group.names} read "
+                    f"{self.where}: modules {group.names} read "
                     f"{x.shape[1]} tokens per example but their token weights cover {w.shape[1]}"
                 )
             if group.focus is not None and x.shape[1] > 1:
@@ -339,6 +362,5 @@ class TaskStatistics:
         if all(ops.all_finite(t) for t in tensors):
             return
         raise NonFiniteError(
-            f"NaN or Inf in the activations of task {self.task!r}, block {self.block}, "
-            f"module(s) {group.names} ({side} side)"
+            f"NaN or Inf in the activations of {self.where}, module(s) {group.names} ({side} side)"
         )

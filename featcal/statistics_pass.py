@@ -150,8 +150,7 @@ def statistics_pass(
         tf32=config.allow_tf32,
         dtype=dtype,
         device=device,
-        task=task,
-        block=index,
+        where=f"task {task!r}, block {index}",
     )
     cache = ExpertCache()
     cache.need_inputs, cache.need_outputs = stats.needs()
