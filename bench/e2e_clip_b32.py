@@ -4,17 +4,24 @@ The case: CLIP ViT-B/32 vision encoder (hidden 768, 12 blocks, 12 heads, MLP 307
 patch 32), random init with seed 0; 4 experts = base + Gaussian deltas of 5% of each tensor's
 std; Task Arithmetic 0.3; 32 random images per task, batch 16; float32; FeatCal defaults.
 
-Each implementation runs in its own process (so each peak RSS is its own), on the same case
-built from the same seeds; the parent compares their calibrated weights and final features.
+Implementations, each in its own process (so each peak RSS is its own), on the same case
+built from the same seeds; the parent compares their calibrated weights and final features
+with the reference's:
+
+- featcal: `featcal.calibrate`;
+- reference: the published reference's `CLIPFeatCalibrator.calibrate`;
+- compat: that same reference calibrate loop with its two calibration functions,
+  `collect_layer_statistics` and `merge_layer_parameters_with_featcal_stats`, replaced by
+  `featcal.compat.official`'s (what a reference-style front end gets by swapping two imports).
 
     python bench/e2e_clip_b32.py                                        # featcal only
-    python bench/e2e_clip_b32.py --reference /path/to/featcal-ref/src   # side by side
+    python bench/e2e_clip_b32.py --reference /path/to/featcal-ref/src   # all three side by side
     python bench/e2e_clip_b32.py --reference ... --repeat 3             # interleaved, medians
 
 `--reference` is the `src` folder of a checkout of github.com/egangu/featcal (kept outside this
-repository). Only its two calibration entry points are used; the harness feeds them the
-case's images instead of its dataset loaders and points them at this transformers version's
-CLIP layout (blocks at `encoder.layers`, block-0 input `pre_layrnorm(embeddings(x))`).
+repository). Only its calibrator is used; the harness feeds it the case's images instead of its
+dataset loaders and points it at this transformers version's CLIP layout (blocks at
+`encoder.layers`, block-0 input `pre_layrnorm(embeddings(x))`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ TASKS = 4
 IMAGES = 32
 BATCH = 16
 SCALING = 0.3
+IMPLEMENTATIONS = ("featcal", "reference", "compat")
 
 
 def build_case(layers: int = 12):
@@ -85,21 +93,40 @@ def run_featcal(case, drift_examples: int | None) -> float:
     return time.perf_counter() - start
 
 
-def run_reference(case, src: str) -> float:
+def import_reference(src: str):
+    """The reference's `featcal.featcal` module, imported from `src` beside this featcal (whose
+    modules are put back in sys.modules once the reference has bound its names)."""
+    ours = {name: m for name, m in sys.modules.items() if name == "featcal" or name.startswith("featcal.")}
+    for name in ours:
+        del sys.modules[name]
     # The reference's calibration module imports dataset and hub loaders it does not need here.
-    sys.path.insert(0, src)
     for name in ("featcal.data", "featcal.models"):
         sys.modules[name] = types.ModuleType(name)
     sys.modules["featcal.data"].iter_limited_image_batches = None
     sys.modules["featcal.data"].load_task_dataset = None
     sys.modules["featcal.data"].make_clip_loader = None
     sys.modules["featcal.models"].load_vision_model = None
-    for name in [m for m in sys.modules if m == "featcal" or m.startswith("featcal.")]:
-        if name not in ("featcal.data", "featcal.models"):
+    sys.path.insert(0, src)
+    try:
+        import featcal.featcal as ref
+    finally:
+        sys.path.remove(src)
+        for name in [m for m in sys.modules if m == "featcal" or m.startswith("featcal.")]:
             del sys.modules[name]
-    import featcal.featcal as ref
-
+        sys.modules.update(ours)
     assert Path(ref.__file__).resolve().is_relative_to(Path(src).resolve()), ref.__file__
+    return ref
+
+
+def run_reference(case, src: str, compat: bool) -> float:
+    ref = import_reference(src)
+    if compat:
+        import featcal
+        from featcal.compat import official
+
+        ref.collect_layer_statistics = official.collect_layer_statistics
+        ref.merge_layer_parameters_with_featcal_stats = official.merge_layer_parameters_with_featcal_stats
+        featcal.extension.load()  # as for featcal: a first use compiles featcal._C, not timed
     ref._clip_layers = lambda model: model.encoder.layers
     ref._clip_first_layer_input = lambda model, x: model.pre_layrnorm(model.embeddings(x))
     base, experts, merged, images, _ = case
@@ -131,7 +158,10 @@ def child(which: str, out: str, src: str | None, layers: int, drift_examples: in
     from safetensors.torch import save_file
 
     case = build_case(layers)
-    seconds = run_featcal(case, drift_examples) if which == "featcal" else run_reference(case, src)
+    if which == "featcal":
+        seconds = run_featcal(case, drift_examples)
+    else:
+        seconds = run_reference(case, src, compat=which == "compat")
     merged, eval_images = case[2], case[4]
     with torch.no_grad():
         feats = merged(pixel_values=eval_images).last_hidden_state
@@ -173,9 +203,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="blocks (12 for the standard case)")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument(
+        "--runs",
+        help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)} "
+        "(default: all; only featcal without --reference)",
+    )
+    parser.add_argument(
         "--drift-examples", type=int, help="featcal's drift_examples (default: FeatCalConfig's)"
     )
-    parser.add_argument("--child", choices=["featcal", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -185,7 +220,12 @@ def main() -> None:
     import featcal
 
     drift = featcal.FeatCalConfig().drift_examples if args.drift_examples is None else args.drift_examples
-    runs = ["featcal"] + (["reference"] if args.reference else [])
+    runs = [w for w in args.runs.split(",") if w] if args.runs else list(IMPLEMENTATIONS)
+    if not args.reference:
+        runs = [w for w in runs if w == "featcal"]
+    unknown = sorted(set(runs) - set(IMPLEMENTATIONS))
+    if unknown or not runs:
+        parser.error(f"--runs: expected some of {', '.join(IMPLEMENTATIONS)}, got {args.runs!r}")
     results = {which: [] for which in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
@@ -197,9 +237,12 @@ def main() -> None:
                     cmd += ["--reference", args.reference]
                 proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 results[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        agreement = (
-            compare(*(os.path.join(tmp, f"{w}.safetensors") for w in runs)) if args.reference else None
-        )
+        reference_out = os.path.join(tmp, "reference.safetensors")
+        agreement = {
+            which: compare(os.path.join(tmp, f"{which}.safetensors"), reference_out)
+            for which in runs
+            if which != "reference" and "reference" in runs
+        }
     summary = {
         "case": "B32-4x32" if args.layers == 12 else f"B32-4x32 ({args.layers} blocks)",
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
@@ -215,23 +258,26 @@ def main() -> None:
             }
             for which, rs in results.items()
         },
+        "versus_reference": {},
     }
-    if args.reference:
-        pairs = [r["seconds"] / f["seconds"] for f, r in zip(results["featcal"], results["reference"])]
-        summary["speedup_per_pair"] = pairs
-        summary["speedup_median"] = _median(pairs)
-        summary["agreement"] = agreement
+    for which in agreement:
+        pairs = [r["seconds"] / f["seconds"] for f, r in zip(results[which], results["reference"])]
+        summary["versus_reference"][which] = {
+            "speedup_per_pair": pairs,
+            "speedup_median": _median(pairs),
+            "agreement": agreement[which],
+        }
     print(f"case {summary['case']} on {summary['machine']}, torch {summary['torch']}, drift_examples {drift}")
     for which, r in summary["runs"].items():
         times = ", ".join(f"{t:.1f}" for t in r["seconds"])
         rss = r["peak_rss_gib"]
         print(f"  {which:9s} median {r['median_seconds']:7.1f} s ({times})   peak RSS {rss:.2f} GiB")
-    if args.reference:
+    for which, v in summary["versus_reference"].items():
         print(
-            f"  speed-up median {summary['speedup_median']:.2f}x "
-            f"(pairs: {', '.join(f'{p:.2f}' for p in summary['speedup_per_pair'])}); "
-            f"weights max rel diff {agreement['max_weight_rel_diff']:.1e}, "
-            f"final features rel diff {agreement['features_rel_diff']:.1e}"
+            f"  {which} vs reference: speed-up median {v['speedup_median']:.2f}x "
+            f"(pairs: {', '.join(f'{p:.2f}' for p in v['speedup_per_pair'])}); "
+            f"weights max rel diff {v['agreement']['max_weight_rel_diff']:.1e}, "
+            f"final features rel diff {v['agreement']['features_rel_diff']:.1e}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,6 +9,11 @@ product per module (q, k and v included) before multiplying by W_t^T; featcal sh
 lower-triangle Gram per input, projects fc2's teacher input through W_t^T, and stops the merged
 forward after fc2's input. Each test checks the results agree before timing.
 
+A third row times `featcal.compat.official.collect_layer_statistics` on the same inputs, passed
+as the reference's front end passes them (lists of per-batch tensors): it must return the
+d_in x d_in cross moment C_t itself, so fc2 cannot be projected; its right-hand side here is
+that C_t times W_t^T, as the reference's merge computes it.
+
     pytest bench/ --benchmark-only
 """
 
@@ -21,8 +26,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from featcal.adapters import CLIP_VISION
 from featcal.capture import BlockContext, Streams
+from featcal.compat.official import collect_layer_statistics
 from featcal.config import FeatCalConfig
 from featcal.modules import calibrated_modules
+from featcal.offload import Stream
 from featcal.statistics import LinearMoments
 from featcal.statistics_pass import discover_block, statistics_pass
 
@@ -40,7 +47,7 @@ def case():
     with torch.no_grad():
         for p in expert.parameters():
             p.add_(0.05 * p.std() * torch.randn_like(p))
-    streams = Streams()
+    streams = Streams(lambda kind: Stream("device", "cpu", name=kind), torch.device("cpu"))
     for _ in range(2):
         h = torch.randn(16, 50, 768)
         streams.student.append(h)
@@ -48,6 +55,7 @@ def case():
         for ctx in (streams.student_ctx, streams.expert_ctx):
             ctx.append(BlockContext(args=(None,), kwargs={}, hidden_as_kwarg=False))
         streams.weights.append(None)
+        streams.memory_weights.append(None)
     return merged, expert, streams
 
 
@@ -121,3 +129,26 @@ def test_reference_formulation(benchmark, case):
 def test_featcal_formulation(benchmark, case):
     _check_agree(case)
     benchmark.pedantic(featcal_formulation, args=case, rounds=3, iterations=1)
+
+
+@torch.no_grad()
+def compat_formulation(merged, expert, streams):
+    stats, _ = collect_layer_statistics(
+        student_layer=merged, expert_layer=expert, student_inputs=list(streams.student),
+        expert_inputs=list(streams.expert), layer_idx=0, num_layers=2, teacher_interp_alpha=ALPHA,
+    )  # fmt: skip
+    weights = calibrated_modules(expert)
+    return {
+        name: (s["cov_ss"], s["cross_st"] @ weights[name].weight().T)
+        for name, s in stats.items()
+        if s["kind"] == "linear"
+    }
+
+
+def test_compat_collect_layer_statistics(benchmark, case):
+    want, got = reference_formulation(*case), compat_formulation(*case)
+    assert want.keys() == got.keys()
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+    benchmark.pedantic(compat_formulation, args=case, rounds=3, iterations=1)
