@@ -1,0 +1,136 @@
+"""The runs whose calibrated weights are pinned in tests/data/pinned_results.safetensors.
+
+Each case calibrates a tiny model of one family through the public API, in memory (float64)
+or streamed from sharded safetensors checkpoints (float32, disk streams), and returns every
+parameter of its blocks plus the report's drift per block. The pinned file was written by
+`python tests/pinned_cases.py` at commit 6fccffa (before the driver became explicit phases),
+so the test that reads it shows that results did not move since.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tiny_models import (
+    BERT,
+    CLIP_FULL,
+    CLIP_VISION,
+    GPT2,
+    LLAMA,
+    MISTRAL,
+    QWEN2,
+    ROBERTA,
+    STACK_ADAPTER,
+    T5,
+    T5_ENCODER,
+    TOY_KINDS,
+    VIT,
+    registered,
+    setup,
+)
+
+from featcal import FeatCalConfig, calibrate
+
+PINNED = Path(__file__).parent / "data" / "pinned_results.safetensors"
+
+IN_MEMORY = [
+    CLIP_VISION,
+    CLIP_FULL,
+    VIT,
+    BERT,
+    ROBERTA,
+    LLAMA,
+    MISTRAL,
+    QWEN2,
+    GPT2,
+    T5,
+    T5_ENCODER,
+    TOY_KINDS,
+]
+STREAMED = [LLAMA, GPT2, T5]
+
+
+def _blocks_of(family, model) -> list:
+    if family is T5:
+        return [*model.encoder.block, *model.decoder.block]
+    return list(family.blocks(model))
+
+
+def _collect(family, model, report) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, block in enumerate(_blocks_of(family, model)):
+        for name, value in block.state_dict().items():
+            out[f"block{i}.{name}"] = value.detach().clone().contiguous()
+    drift = [(b.drift_merged, b.drift_calibrated) for b in report.blocks]
+    out["drift"] = torch.tensor(drift, dtype=torch.float64)
+    return out
+
+
+def in_memory(family, **config) -> dict[str, torch.Tensor]:
+    base, experts, merged, data = setup(family)
+    model = copy.deepcopy(merged)
+    _, report = calibrate(
+        model, base=base, experts=experts, data=data, config=FeatCalConfig(progress=False, **config)
+    )
+    return _collect(family, model, report)
+
+
+def streamed(family, tmp: Path) -> dict[str, torch.Tensor]:
+    base, experts, merged, data = setup(family, dtype=torch.float32)
+    base.save_pretrained(tmp / "base", max_shard_size="30KB")
+    merged.save_pretrained(tmp / "merged", max_shard_size="30KB")
+    for task, expert in experts.items():
+        expert.save_pretrained(tmp / task, max_shard_size="30KB")
+    cfg = FeatCalConfig(progress=False, stream_placement="disk", offload_dir=str(tmp / "offload"))
+    out, report = calibrate(
+        tmp / "merged", base=tmp / "base", experts={t: tmp / t for t in experts}, data=data, config=cfg,
+        out=tmp / "out",
+    )  # fmt: skip
+    return _collect(family, type(merged).from_pretrained(out), report)
+
+
+def cases(tmp: Path) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:
+    """Case name -> a function that runs it (streamed cases write under `tmp`)."""
+    found: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
+    for family in IN_MEMORY:
+        found[f"memory.{family.name}"] = lambda f=family: _maybe_registered(f, in_memory)
+    found["memory.clip-vision.project"] = lambda: in_memory(CLIP_VISION, cross_method="project")
+    found["memory.llama.cross.alpha1"] = lambda: in_memory(
+        LLAMA, cross_method="cross", teacher_interp_alpha=1.0
+    )
+    found["memory.bert.no-bias-no-norm"] = lambda: in_memory(
+        BERT, calibrate_bias=False, calibrate_layernorm=False
+    )
+    for family in STREAMED:
+        found[f"streamed.{family.name}"] = lambda f=family: streamed(f, tmp / f.name)
+    return found
+
+
+def _maybe_registered(family, run):
+    if family is TOY_KINDS:
+        with registered(STACK_ADAPTER):
+            return run(family)
+    return run(family)
+
+
+def main() -> None:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in cases(Path(tmp)).items():
+            for key, value in run().items():
+                tensors[f"{name}/{key}"] = value
+            print(name, file=sys.stderr)
+    PINNED.parent.mkdir(exist_ok=True)
+    save_file(tensors, str(PINNED))
+
+
+if __name__ == "__main__":
+    main()

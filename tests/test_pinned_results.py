@@ -1,0 +1,30 @@
+"""Calibrated weights and drift stay what they were before the driver became explicit phases.
+
+tests/data/pinned_results.safetensors holds, for every family in memory (float64) and three
+streamed from disk (float32), the block parameters and per-block drift that `calibrate` gave at
+commit 6fccffa (see tests/pinned_cases.py). Every tensor must agree within 1e-6 relative.
+"""
+
+import pytest
+import torch
+from pinned_cases import PINNED, cases
+from safetensors.torch import load_file
+
+_PINNED = load_file(str(PINNED))
+
+
+def _pinned(case: str) -> dict[str, torch.Tensor]:
+    prefix = f"{case}/"
+    return {k[len(prefix) :]: v for k, v in _PINNED.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("case", list(cases(None)))
+def test_results_are_pinned(case, tmp_path):
+    want = _pinned(case)
+    got = cases(tmp_path)[case]()
+    assert want and got.keys() == want.keys()
+    for key, expected in want.items():
+        err = (
+            (got[key].double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+        ).item()
+        assert err <= 1e-6, f"{case} {key}: relative error {err:.2e}"
