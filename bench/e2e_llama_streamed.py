@@ -88,7 +88,7 @@ def data(tasks: list[str], vocab: int, sequences: int, tokens: int, batch: int) 
 def run(root: Path, experts: int, mode: str, out: Path) -> dict:
     """One calibration in this process; returns its time and peak RSS."""
     from featcal import FeatCalConfig, calibrate
-    from featcal.report import peak_cpu_rss_bytes
+    from featcal.pipeline.report import peak_cpu_rss_bytes
 
     tasks = [f"task{t}" for t in range(experts)]
     cfg = FeatCalConfig(progress=False)
@@ -121,7 +121,7 @@ def run(root: Path, experts: int, mode: str, out: Path) -> dict:
 
 
 def largest_difference(a: Path, b: Path) -> float:
-    from featcal.lazy_checkpoint import LazyCheckpoint
+    from featcal.io.lazy_checkpoint import LazyCheckpoint
 
     left, right = LazyCheckpoint(a), LazyCheckpoint(b)
     worst = 0.0

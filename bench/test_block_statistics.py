@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from featcal.adapters import CLIP_VISION
-from featcal.capture import BlockContext, Streams
 from featcal.compat.official import collect_layer_statistics
 from featcal.config import FeatCalConfig
-from featcal.modules import calibrated_modules
-from featcal.offload import Stream
-from featcal.statistics import LinearMoments
-from featcal.statistics_pass import discover_block, statistics_pass
+from featcal.io.offload import Stream
+from featcal.models.adapters import CLIP_VISION
+from featcal.models.capture import BlockContext, Streams
+from featcal.models.modules import calibrated_modules
+from featcal.pipeline.statistics import LinearMoments
+from featcal.pipeline.statistics_pass import discover_block, statistics_pass
 
 ALPHA = 0.25
 

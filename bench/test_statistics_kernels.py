@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from featcal import ops
-from featcal.modules import LINEAR, ModuleRef
-from featcal.statistics import BlockPlan, ExpertCache, Group, TaskStatistics, choose_method
+from featcal.models.modules import LINEAR, ModuleRef
+from featcal.pipeline.statistics import BlockPlan, ExpertCache, Group, TaskStatistics, choose_method
 
 ALPHA = 0.25
 CUDA = torch.cuda.is_available()

@@ -1,11 +1,11 @@
 """featcal: fast, memory-bounded FeatCal post-merging calibration (arXiv 2605.13030)."""
 
-from .adapters import ModelAdapter, register_adapter
 from .config import FeatCalConfig
-from .driver import Calibrated, calibrate
 from .errors import FeatCalError, NonFiniteError, UnsupportedModelError
 from .merging import task_arithmetic, ties_merging
-from .report import CalibrationReport
+from .models.adapters import ModelAdapter, register_adapter
+from .pipeline.driver import Calibrated, calibrate
+from .pipeline.report import CalibrationReport
 
 __version__ = "0.1.0"
 

@@ -163,8 +163,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_merge(args) -> None:
-    from .checkpoint import atomic_directory, check_output, load_model, resolve, save_model
-    from .lazy_checkpoint import LazyCheckpoint
+    from .io.checkpoint import atomic_directory, check_output, load_model, resolve, save_model
+    from .io.lazy_checkpoint import LazyCheckpoint
     from .merging import task_arithmetic, task_arithmetic_checkpoints, ties_merging
 
     check_output(args.out, args.overwrite)
@@ -188,10 +188,10 @@ def run_merge(args) -> None:
 
 
 def run_calibrate(args) -> None:
-    from .checkpoint import check_output, load_model, resolve
-    from .data import load_calibration_file
-    from .driver import calibrate, check_tasks
-    from .lazy_checkpoint import LazyCheckpoint
+    from .io.checkpoint import check_output, load_model, resolve
+    from .io.data_files import load_calibration_file
+    from .io.lazy_checkpoint import LazyCheckpoint
+    from .pipeline.driver import calibrate, check_tasks
 
     check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")

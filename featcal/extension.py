@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from .user_cache import user_cache_dir
+from .io.user_cache import user_cache_dir
 
 log = logging.getLogger("featcal")
 

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import copy_companions
 from .errors import FeatCalError
-from .lazy_checkpoint import LazyCheckpoint
+from .io.checkpoint import copy_companions
+from .io.lazy_checkpoint import LazyCheckpoint
+from .io.sharded_writer import ShardedWriter
 from .ops import accumulator_dtype
-from .sharded_writer import ShardedWriter
 
 StateLike = nn.Module | Mapping[str, Tensor]
 

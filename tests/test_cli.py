@@ -13,7 +13,7 @@ from transformers import CLIPVisionModel
 from featcal import FeatCalConfig, calibrate, task_arithmetic, ties_merging
 from featcal.cli import main
 from featcal.data import save_calibration_file
-from featcal.lazy_checkpoint import LazyCheckpoint
+from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from tiny_models import BERT, CLIP_VISION, make_data, make_experts, setup
 
 from featcal import FeatCalConfig, calibrate
-from featcal.modules import calibrated_modules
+from featcal.models.modules import calibrated_modules
 
 
 def _params(family, model):

@@ -18,7 +18,7 @@ from featcal.demo.benchmark import (
 )
 from featcal.demo.cache import cache_file, flat_state, load_models, load_or_train
 from featcal.errors import FeatCalError
-from featcal.user_cache import user_cache_dir
+from featcal.io.user_cache import user_cache_dir
 
 # One encoder block, two tasks, one epoch each: for the cache tests, in a couple of seconds.
 TINY = Recipe(

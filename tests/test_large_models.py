@@ -24,7 +24,7 @@ from tiny_models import (
 )
 
 from featcal import FeatCalConfig, FeatCalError, calibrate
-from featcal.lazy_checkpoint import LazyCheckpoint
+from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 QUIET = FeatCalConfig(progress=False)
 
@@ -118,7 +118,7 @@ def test_budget_too_small_is_refused_before_any_work(tmp_path, monkeypatch):
     def no_block(*args, **kwargs):
         raise AssertionError("a block was read before the budget was checked")
 
-    monkeypatch.setattr("featcal.lazy_model.LazyModel.block", no_block)
+    monkeypatch.setattr("featcal.models.lazy_model.LazyModel.block", no_block)
     cfg = FeatCalConfig(progress=False, max_cpu_memory="20KB")
     with pytest.raises(
         FeatCalError, match=r"does not fit the memory budget \(19\.5 KiB of memory.*\n.*memory plan"

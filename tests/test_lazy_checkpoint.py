@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import featcal.lazy_checkpoint as lazy
+import featcal.io.lazy_checkpoint as lazy
 from featcal.errors import FeatCalError
-from featcal.lazy_checkpoint import LazyCheckpoint
+from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 
 def _tensors(seed: int, prefix: str = "") -> dict[str, torch.Tensor]:

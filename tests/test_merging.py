@@ -65,7 +65,7 @@ def test_merge_errors_name_task_key_and_shapes():
 
 
 def test_task_arithmetic_on_checkpoints_equals_in_memory_and_reads_in_groups(tmp_path, monkeypatch):
-    from featcal.lazy_checkpoint import LazyCheckpoint
+    from featcal.io.lazy_checkpoint import LazyCheckpoint
     from featcal.merging import task_arithmetic_checkpoints
 
     base = CLIP_VISION.build(0).to(torch.bfloat16)

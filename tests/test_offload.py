@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featcal.errors import FeatCalError
-from featcal.offload import PLACEMENTS, Stream
+from featcal.io.offload import PLACEMENTS, Stream
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(4, 7, 16), (4, 7, 16), (3, 5, 16)]  # the last batch is smaller

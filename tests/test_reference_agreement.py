@@ -22,7 +22,8 @@ from tiny_models import (
 )
 from torch import nn
 
-from featcal import FeatCalConfig, calibrate, ops, statistics
+from featcal import FeatCalConfig, calibrate, ops
+from featcal.pipeline import statistics
 
 
 def _fresh_batches(family, seed=99):

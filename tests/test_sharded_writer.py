@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import featcal.sharded_writer as sharded_writer
+import featcal.io.sharded_writer as sharded_writer
 from featcal.errors import FeatCalError
-from featcal.lazy_checkpoint import LazyCheckpoint
-from featcal.sharded_writer import ShardedWriter
+from featcal.io.lazy_checkpoint import LazyCheckpoint
+from featcal.io.sharded_writer import ShardedWriter
 
 
 def _tensors(seed: int, prefix: str) -> dict[str, torch.Tensor]:

@@ -292,7 +292,7 @@ def registered(adapter):
     try:
         yield adapter
     finally:
-        featcal.adapters._ADAPTERS.remove(adapter)
+        featcal.models.adapters._ADAPTERS.remove(adapter)
 
 
 TOY_KINDS = Family(

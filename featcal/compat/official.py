@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..adapters import clip_class_token_focus, first_output
-from ..capture import run_until_stopped
 from ..config import FeatCalConfig
 from ..errors import FeatCalError
-from ..modules import LINEAR, ModuleRef, calibrated_modules
+from ..models.adapters import clip_class_token_focus, first_output
+from ..models.capture import run_until_stopped
+from ..models.modules import LINEAR, ModuleRef, calibrated_modules
 from ..ops import accumulator_dtype
-from ..solver import BlockSystem
-from ..statistics import (
+from ..pipeline.solver import BlockSystem
+from ..pipeline.statistics import (
     BlockPlan,
     CrossMoments,
     ExpertCache,
@@ -50,7 +50,7 @@ from ..statistics import (
     TaskStatistics,
     discover_plan,
 )
-from ..statistics_pass import expert_hooks, student_hooks
+from ..pipeline.statistics_pass import expert_hooks, student_hooks
 
 Stats = dict[str, dict[str, Tensor | str]]
 

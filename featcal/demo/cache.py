@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPVisionModel
 
-from ..atomic_file import atomic_file
-from ..user_cache import user_cache_dir
+from ..io.atomic_file import atomic_file
+from ..io.user_cache import user_cache_dir
 from .benchmark import Split, select_tasks
 from .training import Recipe, build_encoder, build_head, finetune, pretrain
 

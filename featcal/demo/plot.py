@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic_file import atomic_file
 from ..errors import FeatCalError
+from ..io.atomic_file import atomic_file
 
 
 def plot_demo(report: dict, path: Path) -> None:

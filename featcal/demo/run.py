@@ -21,10 +21,10 @@ import torch
 
 from .. import __version__, extension
 from ..config import FeatCalConfig
-from ..driver import calibrate
 from ..errors import FeatCalError
 from ..merging import task_arithmetic, ties_merging
-from ..report import CalibrationReport, write_json_atomic
+from ..pipeline.driver import calibrate
+from ..pipeline.report import CalibrationReport, write_json_atomic
 from .benchmark import Split, Task, calibration_inputs, load_digits_split, select_tasks, task_inputs
 from .cache import TrainedModels, load_or_train
 from .plot import plot_demo

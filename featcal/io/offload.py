@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .errors import FeatCalError
+from ..errors import FeatCalError
 
 PLACEMENTS = ("device", "cpu", "disk")
 

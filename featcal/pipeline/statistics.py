@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import ops
-from .errors import FeatCalError, NonFiniteError
-from .modules import LINEAR, RMSNORM, ModuleRef
+from .. import ops
+from ..errors import FeatCalError, NonFiniteError
+from ..models.modules import LINEAR, RMSNORM, ModuleRef
 
 
 @dataclass

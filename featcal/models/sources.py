@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import FeatCalError
+from ..io.checkpoint import load_model, resolve
+from ..io.lazy_checkpoint import LazyCheckpoint
 from .adapters import ModelAdapter, find_adapter
-from .checkpoint import load_model, resolve
-from .errors import FeatCalError
-from .lazy_checkpoint import LazyCheckpoint
 from .lazy_model import LazyModel
 
 log = logging.getLogger("featcal")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import FeatCalError
 from .atomic_file import atomic_file
-from .errors import FeatCalError
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -29,9 +29,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import ops
-from .adapters import ModelAdapter
-from .capture import (
+from .. import ops
+from ..config import FeatCalConfig
+from ..errors import FeatCalError
+from ..io.checkpoint import atomic_directory, check_output, save_model
+from ..io.offload import Stream
+from ..io.output_checkpoint import OutputCheckpoint
+from ..models.adapters import ModelAdapter
+from ..models.capture import (
     Streams,
     backbone_inputs,
     capture_first_block_inputs,
@@ -39,16 +44,11 @@ from .capture import (
     same_context,
     token_weights,
 )
-from .checkpoint import atomic_directory, check_output, save_model
-from .config import FeatCalConfig
-from .errors import FeatCalError
+from ..models.modules import ModuleRef, calibrated_modules
+from ..models.sources import ModelLike, ModelSource, device_of, open_source
 from .memory_plan import MemoryPlan, choose_placement, estimate, parse_bytes
-from .modules import ModuleRef, calibrated_modules
-from .offload import Stream
-from .output_checkpoint import OutputCheckpoint
 from .report import BlockReport, CalibrationReport, peak_cpu_rss_bytes
 from .solver import BlockSystem
-from .sources import ModelLike, ModelSource, device_of, open_source
 from .statistics_pass import discover_block, statistics_pass
 
 log = logging.getLogger("featcal")

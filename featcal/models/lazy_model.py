@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import FeatCalError
-from .lazy_checkpoint import LazyCheckpoint
+from ..errors import FeatCalError
+from ..io.lazy_checkpoint import LazyCheckpoint
 
 
 @contextmanager

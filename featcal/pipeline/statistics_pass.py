@@ -14,12 +14,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
-from .capture import Streams, run_block, run_until_stopped, stop_forward
-from .config import FeatCalConfig
-from .errors import FeatCalError
-from .modules import LINEAR, ModuleRef, calibrated_modules
-from .offload import Stream
+from ..config import FeatCalConfig
+from ..errors import FeatCalError
+from ..io.offload import Stream
+from ..models.adapters import ModelAdapter
+from ..models.capture import Streams, run_block, run_until_stopped, stop_forward
+from ..models.modules import LINEAR, ModuleRef, calibrated_modules
 from .statistics import (
     BlockPlan,
     ExpertCache,

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from ..errors import FeatCalError
+from ..io.offload import Stream
+from ..ops import accumulator_dtype
 from .adapters import Batch, ModelAdapter
-from .errors import FeatCalError
-from .offload import Stream
-from .ops import accumulator_dtype
 
 
 class _StopForward(Exception):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..models.lazy_model import LazyModel
 from .checkpoint import copy_companions
-from .lazy_model import LazyModel
 from .sharded_writer import ShardedWriter
 
 

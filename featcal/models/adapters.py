@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import FeatCalError, UnsupportedModelError
+from ..errors import FeatCalError, UnsupportedModelError
 
 Batch = Tensor | Mapping[str, Tensor]
 

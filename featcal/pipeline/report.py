@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic_file import atomic_file
+from ..io.atomic_file import atomic_file
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .errors import FeatCalError
+from ..errors import FeatCalError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import FeatCalError
+from ..errors import FeatCalError
 
 # Files a checkpoint directory may carry beside the weights that a user of the output needs.
 COMPANION_FILES = (

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
-from .config import FeatCalConfig
-from .errors import FeatCalError
-from .modules import LINEAR, ModuleRef
+from .. import ops
+from ..config import FeatCalConfig
+from ..errors import FeatCalError
+from ..models.modules import LINEAR, ModuleRef
 from .statistics import BlockPlan, LinearMoments, NormMoments
 
 
