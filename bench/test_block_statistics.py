@@ -26,12 +26,13 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from featcal.compat.official import collect_layer_statistics
 from featcal.config import FeatCalConfig
-from featcal.io.offload import Stream
+from featcal.errors import Location
 from featcal.models.adapters import CLIP_VISION
-from featcal.models.capture import BlockContext, Streams
+from featcal.models.capture import BlockContext
 from featcal.models.modules import calibrated_modules
-from featcal.pipeline.statistics import LinearMoments
-from featcal.pipeline.statistics_pass import discover_block, statistics_pass
+from featcal.pipeline.phases import BlockRun, accumulate, discover, new_sums, reduce
+from featcal.pipeline.state import BlockInputs
+from featcal.pipeline.statistics import LinearMoments, normalise, project
 
 ALPHA = 0.25
 
@@ -47,30 +48,24 @@ def case():
     with torch.no_grad():
         for p in expert.parameters():
             p.add_(0.05 * p.std() * torch.randn_like(p))
-    streams = Streams(lambda kind: Stream("device", "cpu", name=kind), torch.device("cpu"))
-    for _ in range(2):
-        h = torch.randn(16, 50, 768)
-        streams.student.append(h)
-        streams.expert.append(h + 0.1 * torch.randn_like(h))
-        for ctx in (streams.student_ctx, streams.expert_ctx):
-            ctx.append(BlockContext(args=(None,), kwargs={}, hidden_as_kwarg=False))
-        streams.weights.append(None)
-        streams.memory_weights.append(None)
-    return merged, expert, streams
+    student = [torch.randn(16, 50, 768) for _ in range(2)]
+    expert_inputs = [h + 0.1 * torch.randn_like(h) for h in student]
+    contexts = [BlockContext(args=(None,), kwargs={})] * 2
+    return merged, expert, BlockInputs(student, expert_inputs, contexts, contexts, [None] * 2, [None] * 2)
 
 
 @torch.no_grad()
-def reference_formulation(merged, expert, streams):
+def reference_formulation(merged, expert, inputs):
     """Per module: weighted copies, full Gram and cross of the cached inputs, then C W^T."""
     targets_s, targets_e = calibrated_modules(merged), calibrated_modules(expert)
     acc = {}
-    for i, hidden in enumerate(streams.student):
+    for i, hidden in enumerate(inputs.student):
         cache_s, cache_e, handles = {}, {}, []
         for name in targets_s:
             handles.append(targets_s[name].module.register_forward_pre_hook(_keep(cache_s, name)))
             handles.append(targets_e[name].module.register_forward_pre_hook(_keep(cache_e, name)))
         merged(hidden, None)
-        expert(streams.expert[i], None)
+        expert(inputs.expert[i], None)
         for h in handles:
             h.remove()
         for name, ref in targets_s.items():
@@ -98,15 +93,16 @@ def _keep(cache, name):
 
 
 @torch.no_grad()
-def featcal_formulation(merged, expert, streams):
-    mods = calibrated_modules(merged)
-    plan, *first = discover_block(CLIP_VISION, 0, 2, mods, expert, streams)
-    moments, _ = statistics_pass(
-        CLIP_VISION, plan, merged, expert, streams, config=FeatCalConfig(), dtype=torch.float32,
-        device=torch.device("cpu"), task="t", index=0, first=tuple(first),
-    )  # fmt: skip
+def featcal_formulation(merged, expert, inputs):
+    cpu = torch.device("cpu")
+    run = BlockRun(CLIP_VISION, 0, 2, Location(block=0), FeatCalConfig(), torch.float32, cpu)
+    plan, first = discover(run, merged, expert, inputs)
+    sums = new_sums(run, plan, tokens=sum(h.shape[0] * h.shape[1] for h in inputs.student))
+    accumulate(run, plan, merged, expert, inputs, sums, [], task="t", first=first)
+    experts = calibrated_modules(expert)
+    moments = normalise(reduce(sums), experts, alpha=ALPHA, where=run.where)
     out = {}
-    for mom in moments:
+    for mom in (project(m, experts) for m in moments):
         if isinstance(mom, LinearMoments):
             for k, member in enumerate(mom.group.members):
                 out[member.name] = (mom.gram, mom.rhs[k])
@@ -132,10 +128,10 @@ def test_featcal_formulation(benchmark, case):
 
 
 @torch.no_grad()
-def compat_formulation(merged, expert, streams):
+def compat_formulation(merged, expert, inputs):
     stats, _ = collect_layer_statistics(
-        student_layer=merged, expert_layer=expert, student_inputs=list(streams.student),
-        expert_inputs=list(streams.expert), layer_idx=0, num_layers=2, teacher_interp_alpha=ALPHA,
+        student_layer=merged, expert_layer=expert, student_inputs=list(inputs.student),
+        expert_inputs=list(inputs.expert), layer_idx=0, num_layers=2, teacher_interp_alpha=ALPHA,
     )  # fmt: skip
     weights = calibrated_modules(expert)
     return {

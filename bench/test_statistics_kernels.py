@@ -6,8 +6,8 @@ d 4096 and 14336), each ending in G_t and Q_t = C_t W_t^T per module, computed t
 
     reference   the reference code's formulation: per module (q, k and v each), a weighted copy
                 of x_s and of the teacher input, then full matmuls in the activations' dtype
-    torch       featcal's TaskStatistics with FEATCAL_BACKEND=torch
-    triton      featcal's TaskStatistics with the Triton kernels (CUDA only)
+    torch       featcal's accumulator with FEATCAL_BACKEND=torch
+    triton      featcal's accumulator with the Triton kernels (CUDA only)
 
 Kernel rows time `weighted_gram` (lower tiles) and `weighted_cross` alone at the Llama-3-8B
 shapes. Every row checks its result against the reference before timing. Useful flops: a Gram
@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from featcal import ops
+from featcal.errors import Location
 from featcal.models.modules import LINEAR, ModuleRef
-from featcal.pipeline.statistics import BlockPlan, ExpertCache, Group, TaskStatistics, choose_method
+from featcal.pipeline.plan import BlockPlan, Group, choose_method
+from featcal.pipeline.statistics import Accumulator, ExpertCache, TaskSums, normalise, project
 
 ALPHA = 0.25
 CUDA = torch.cuda.is_available()
@@ -118,15 +120,16 @@ class _Case:
         return [Group(LINEAR, attn, None), Group(LINEAR, [ModuleRef("mlp", LINEAR, self.mlp)], None)]
 
     def featcal(self, tf32: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """G_t and Q_t per module through featcal's TaskStatistics."""
+        """G_t and Q_t per module through featcal's accumulator and normalisation."""
         groups = self._groups()
         expert = {ref.name: ref for g in groups for ref in g.members}
-        stats = TaskStatistics(
-            BlockPlan(groups, "mlp"), expert, alpha=ALPHA, tokens=self.shape.n, cross_method="auto",
-            tf32=tf32, dtype=torch.float32, device=_device(), where="bench",
+        sums = TaskSums.zeros(
+            BlockPlan(groups, "mlp"), tokens=self.shape.n, alpha=ALPHA, cross_method="auto",
+            dtype=torch.float32, device=_device(),
         )  # fmt: skip
+        stats = Accumulator(sums, expert, alpha=ALPHA, tf32=tf32, where=Location(block=0))
         cache = ExpertCache()
-        cache.need_inputs, cache.need_outputs = stats.needs()
+        cache.need_inputs, cache.need_outputs = sums.needs()
         for b in range(self.shape.batches):
             cache.inputs["q"], cache.outputs["mlp"] = self.xe_attn[b], self.ye_mlp[b]
             cache.outputs.update({name: ye[b] for name, ye in self.ye_attn.items()})
@@ -135,7 +138,7 @@ class _Case:
             stats.accumulate(1, self.xs_mlp[b])
             stats.end_batch()
         out = {}
-        for moments in stats.finish():
+        for moments in (project(m, expert) for m in normalise(sums, expert, alpha=ALPHA, where=stats.where)):
             for k, ref in enumerate(moments.group.members):
                 out[ref.name] = (moments.gram, moments.rhs[k])
         _sync()

@@ -191,7 +191,8 @@ def run_calibrate(args) -> None:
     from .io.checkpoint import check_output, load_model, resolve
     from .io.data_files import load_calibration_file
     from .io.lazy_checkpoint import LazyCheckpoint
-    from .pipeline.driver import calibrate, check_tasks
+    from .pipeline.checks import check_tasks
+    from .pipeline.driver import calibrate
 
     check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")

@@ -1,4 +1,9 @@
-"""Errors raised for bad input. Each message names what is at fault (task, block, module, shape)."""
+"""Errors raised for bad input, and where a message points. Each message names what is at fault
+(task, block, module, shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 
 class FeatCalError(ValueError):
@@ -11,3 +16,36 @@ class UnsupportedModelError(FeatCalError):
 
 class NonFiniteError(FeatCalError):
     """NaN or Inf reached the statistics of a module."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a message points: any of task, stage, block, module and batch.
+
+    str() gives them in that order, e.g. "task 'math', decoder block 1, module 'q', batch 2";
+    `stage` is shown only for models with more than one stage (T5: "encoder", "decoder").
+    """
+
+    task: str | None = None
+    stage: str | None = None
+    block: int | None = None
+    module: str | None = None
+    batch: int | None = None
+
+    def at(self, **fields) -> Location:
+        """This location with some fields replaced."""
+        return replace(self, **fields)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.task is not None:
+            parts.append(f"task {self.task!r}")
+        if self.block is not None:
+            parts.append(f"{self.stage} block {self.block}" if self.stage else f"block {self.block}")
+        elif self.stage:
+            parts.append(f"the {self.stage}")
+        if self.module is not None:
+            parts.append(f"module {self.module!r}")
+        if self.batch is not None:
+            parts.append(f"batch {self.batch}")
+        return ", ".join(parts)

@@ -77,13 +77,14 @@ def test_every_cross_method_matches_reference(method, alpha):
 def test_project_token_by_token_matches_reference(monkeypatch):
     """With fewer tokens than inputs, 'project' folds (1 - alpha) x_s W^T in token by token."""
     per_token = []
-    original = statistics.TaskStatistics.__init__
+    original = statistics.TaskSums.zeros
 
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        per_token.extend(self.per_token.values())
+    def spy(*args, **kwargs):
+        sums = original(*args, **kwargs)
+        per_token.extend(g.per_token for g in sums.groups if isinstance(g, statistics.ProjectSums))
+        return sums
 
-    monkeypatch.setattr(statistics.TaskStatistics, "__init__", spy)
+    monkeypatch.setattr(statistics.TaskSums, "zeros", spy)
     family = CLIP_VISION
     base, experts, merged, _ = setup(family)
     data = make_data(family, list(experts), batches=1, size=1)

@@ -8,7 +8,7 @@ A front end written against the reference code (github egangu/featcal) imports
 and calls them once per (layer, task) and once per layer. Importing both from
 `featcal.compat.official` instead leaves its calibrate loop as it is: the functions take the
 same keyword arguments, return the same structures and compute the same update
-(featcal-math.md s.3-4). What differs inside:
+(docs/algorithm.md s.4-6). What differs inside:
 
 - statistics: modules that read one input tensor with one token weighting (q/k/v) share one
   Gram and one cross moment, accumulated once; only the Gram's lower triangle is accumulated;
@@ -34,23 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from ..config import FeatCalConfig
-from ..errors import FeatCalError
-from ..models.adapters import clip_class_token_focus, first_output
-from ..models.capture import run_until_stopped
+from ..errors import FeatCalError, Location
+from ..models.adapters import CLIP_VISION
+from ..models.capture import BlockContext
 from ..models.modules import LINEAR, ModuleRef, calibrated_modules
 from ..ops import accumulator_dtype
+from ..pipeline.phases import BlockRun, accumulate, discover, new_sums
+from ..pipeline.plan import BlockPlan, Group
 from ..pipeline.solver import BlockSystem
-from ..pipeline.statistics import (
-    BlockPlan,
-    CrossMoments,
-    ExpertCache,
-    Group,
-    LinearMoments,
-    NormMoments,
-    TaskStatistics,
-    discover_plan,
-)
-from ..pipeline.statistics_pass import expert_hooks, student_hooks
+from ..pipeline.state import BlockInputs
+from ..pipeline.statistics import CrossMoments, LinearMoments, NormMoments, normalise
 
 Stats = dict[str, dict[str, Tensor | str]]
 
@@ -80,7 +73,7 @@ def collect_layer_statistics(
     - stats[name] for every Linear and norm of the layer, in definition order, as CPU tensors:
       {"kind": "linear", "mean_student": mu_s, "mean_teacher": mu_t, "cov_ss": G, "cross_st": C}
       or {"kind": "layernorm" | "rmsnorm", "mean_student": m, "energy_student": e}, the weighted
-      means of featcal-math.md s.3. Modules that read one input share these tensors: do not
+      means of docs/algorithm.md s.4. Modules that read one input share these tensors: do not
       modify them in place.
     - next_expert_inputs: the expert layer's output for each batch, on the CPU.
     """
@@ -103,55 +96,48 @@ def collect_layer_statistics(
             f"layer {layer_idx}: student_layer is on {device} but expert_layer on {expert_device}; "
             "put both on one device"
         )
-    where = f"layer {layer_idx}"
-
-    # The expert's first batch shows which modules read the same input tensor.
-    recording = ExpertCache(record_all=True)
-    with expert_hooks(expert, recording):
-        first = _run_layer(expert_layer, expert_inputs[0].to(device))
-    plan = discover_plan(
-        recording.order,
-        recording.inputs,
-        student,
-        lambda name: clip_class_token_focus(layer_idx, num_layers, name),
-        where,
-    )
+    cfg = FeatCalConfig(teacher_interp_alpha=teacher_interp_alpha, cross_method="cross", progress=False)
+    dtype = accumulator_dtype(next(student_layer.parameters()).dtype)
+    run = BlockRun(CLIP_VISION, layer_idx, num_layers, Location(block=layer_idx), cfg, dtype, device)
+    context = BlockContext((), {"attention_mask": None, "causal_attention_mask": None})
+    contexts = [context] * len(student_inputs)
+    inputs = BlockInputs(
+        _OnDevice(student_inputs, device), _OnDevice(expert_inputs, device), contexts, contexts,
+        [None] * len(student_inputs), [None] * len(student_inputs),
+    )  # fmt: skip
+    plan, first = discover(run, student_layer, expert_layer, inputs)
     if plan.skipped:
         raise FeatCalError(
-            f"{where}: modules {plan.skipped} are never called in the layer's forward pass; "
+            f"{run.where}: modules {plan.skipped} are never called in the layer's forward pass; "
             "every calibrated module must read exactly one input"
         )
-    stats = TaskStatistics(
-        plan,
-        expert,
-        alpha=teacher_interp_alpha,
-        tokens=0,  # only used to choose a method; "cross" is the one that yields C itself
-        cross_method="cross",
-        dtype=accumulator_dtype(next(student_layer.parameters()).dtype),
-        device=device,
-        where=where,
-    )
-    cache = ExpertCache()
-    cache.need_inputs, cache.need_outputs = stats.needs()
-    outputs = []
-    with expert_hooks(expert, cache), student_hooks(plan, student, stats, where):
-        for i, (hidden, expert_hidden) in enumerate(zip(student_inputs, expert_inputs)):
-            if i == 0:
-                out, batch_cache = first, recording
-            else:
-                out, batch_cache = _run_layer(expert_layer, expert_hidden.to(device)), cache
-            outputs.append(out.detach().to("cpu", non_blocking=True))
-            stats.begin_batch(None, batch_cache)
-            run_until_stopped(_run_layer, student_layer, hidden.to(device))
-            stats.end_batch()
-            batch_cache.clear()
+    sums = new_sums(run, plan, tokens=0)  # the "cross" method yields C itself
+    outputs = _HostList()
+    accumulate(run, plan, student_layer, expert_layer, inputs, sums, outputs, task=None, first=first)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the copies of the outputs to the host
-    return _reference_stats(student, stats.finish(project=False)), outputs
+    moments = normalise(sums, expert, alpha=teacher_interp_alpha, where=run.where)
+    return _reference_stats(student, moments), list(outputs)
 
 
-def _run_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
-    return first_output(layer(hidden, attention_mask=None, causal_attention_mask=None))
+class _OnDevice(Sequence):
+    """A list of tensors, each served on `device` when read."""
+
+    def __init__(self, tensors: Sequence[Tensor], device: torch.device) -> None:
+        self.tensors, self.device = tensors, device
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        return self.tensors[i].to(self.device)
+
+
+class _HostList(list):
+    """The expert layer's outputs, copied to the host as they are appended."""
+
+    def append(self, value: Tensor) -> None:
+        super().append(value.detach().to("cpu", non_blocking=True))
 
 
 def _device(layer: nn.Module, what: str) -> torch.device:
@@ -197,7 +183,7 @@ def merge_layer_parameters_with_featcal_stats(
     anchor_blend_rho: float,
     covariance_eps: float,
 ) -> dict[str, Tensor]:
-    """The calibrated parameters of one layer from every task's statistics (featcal-math.md s.4).
+    """The calibrated parameters of one layer from every task's statistics (docs/algorithm.md s.6).
 
     expert_param_dict: parameter name -> one tensor per task (the experts' layer state dicts),
         tasks in the order of `expert_featcal_stats`, which holds each task's
@@ -336,12 +322,12 @@ class _ExpertParameters:
         """Parameter name -> solved value, in the parameter's layout and dtype."""
         layers = [{m: self._ref(m, t) for m in self.modules} for t in range(len(self.stats))]
         plan = BlockPlan(self._groups(layers[0]), last="")
-        system = BlockSystem(plan, config, self.dtype, self.device)
+        system = BlockSystem.zeros(plan, self.dtype, self.device)
         for t, layer in enumerate(layers):
-            system.add(self._moments(t, plan, layer), layer)
+            system.fold(self._moments(t, plan, layer), layer, config.covariance_eps)
         anchors = {m: self._anchors(m, merged, base, config.anchor_blend_rho) for m in self.modules}
         solved = {}
-        for module, which, value in system.solve_with_anchors(anchors):
+        for module, which, value in system.solve(anchors, config):
             name = f"{module}.{which}"
             solved[name] = self._flip(module, which, value).to(self.params[name][0].dtype).contiguous()
         return solved

@@ -10,7 +10,9 @@ An adapter is small. To support a new family, register one:
 
 Optional fields: `backbone` (the module to call with a batch; by default the HF base model of a
 task-head wrapper), `inputs` (batch keys passed to it), `token_mask` (padding mask of a batch,
-weight 0 for padding), `token_focus` (extra token weights per block and module) and `run_block`.
+weight 0 for padding), `token_focus` (extra token weights per block and module), `run_block`,
+`module_kind` (which modules are calibrated, and as what; norms are found by their formula),
+`check_model` (refusals), and `encdec` for T5-style encoder-decoders.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FeatCalError, UnsupportedModelError
+from .modules import ModuleKind, module_kind
 
 Batch = Tensor | Mapping[str, Tensor]
 
@@ -79,6 +82,41 @@ def same_hidden(backbone: nn.Module, hidden: Tensor) -> Tensor:
     return hidden
 
 
+def refuse_mixed_layer_types(model: nn.Module, role: str) -> None:
+    """Block 0's inputs are replayed to every block: models whose layers receive different masks
+    (sliding-window layers mixed with full attention, per `config.layer_types`) are refused."""
+    kinds = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
+    if len(kinds) > 1:
+        raise FeatCalError(
+            f"the {role} mixes layer types {sorted(kinds)} (config.layer_types): its blocks receive "
+            "different attention masks, and featcal replays the first block's inputs to every block; "
+            "this is not supported yet"
+        )
+
+
+@dataclass(frozen=True)
+class EncoderDecoder:
+    """What a T5-style model adds to its adapter (the defaults: a plain stack of blocks).
+
+    later_arguments: (first block, args, kwargs) -> (args, kwargs) of the blocks after the first,
+        when the backbone passes them something the first block computes (T5's position bias).
+    next_stage: the adapter of the stage calibrated after this one's blocks (T5: the decoder).
+    stage_output: (backbone, last block's output) -> what the stage hands to the next (final norm).
+    stage_inputs: for a later stage, (task batch, previous stage's output) -> its backbone inputs.
+    batch_keys: further batch keys the model reads (e.g. in a later stage), so not warned about.
+    memory_inputs: module name -> whether it reads the encoder output rather than the hidden
+        states (cross-attention keys and values), with `memory_mask(batch)` as token weights.
+    """
+
+    later_arguments: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
+    next_stage: ModelAdapter | None = None
+    stage_output: Callable[[nn.Module, Tensor], Tensor] = same_hidden
+    stage_inputs: Callable[[Batch, Tensor], dict] | None = None
+    batch_keys: tuple[str, ...] = ()
+    memory_inputs: Callable[[str], bool] | None = None
+    memory_mask: Callable[[Batch], Tensor | None] = no_token_mask
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
     """How featcal drives one model family.
@@ -93,14 +131,11 @@ class ModelAdapter:
         token 0 for that module's statistics, or None for uniform weights.
     run_block: (block, args, kwargs) -> output hidden states of the block.
     call_kwargs: fixed keyword arguments of every backbone call (e.g. use_cache=False).
-    later_arguments: (first block, args, kwargs) -> (args, kwargs) of the blocks after the first,
-        when the backbone passes them something the first block computes (T5's position bias).
-    next_stage: the adapter of the stage calibrated after this one's blocks (T5: the decoder).
-    stage_output: (backbone, last block's output) -> what the stage hands to the next (final norm).
-    stage_inputs: for a later stage, (task batch, previous stage's output) -> its backbone inputs.
-    batch_keys: further batch keys the model reads (e.g. in a later stage), so not warned about.
-    memory_inputs: module name -> whether it reads the encoder output rather than the hidden
-        states (cross-attention keys and values), with `memory_mask(batch)` as token weights.
+    module_kind: module -> its kind (featcal.models.modules: LINEAR, a norm kind, UNKNOWN_NORM or
+        None); the default recognises Linear, Conv1D, LayerNorm and norms by their formula.
+    hidden_argument: the keyword of the hidden states when a block gets them by keyword.
+    check_model: (model, role) -> None, or an error for a layout featcal cannot calibrate.
+    encdec: the T5-style fields (stages, computed block arguments, cross-attention memory).
     """
 
     name: str
@@ -112,13 +147,10 @@ class ModelAdapter:
     token_focus: Callable[[int, int, str], float | None] = no_focus
     run_block: Callable[[nn.Module, tuple, dict], Tensor] = call_block
     call_kwargs: Mapping[str, object] = field(default_factory=dict)
-    later_arguments: Callable[[nn.Module, tuple, dict], tuple[tuple, dict]] | None = None
-    next_stage: ModelAdapter | None = None
-    stage_output: Callable[[nn.Module, Tensor], Tensor] = same_hidden
-    stage_inputs: Callable[[Batch, Tensor], dict] | None = None
-    batch_keys: tuple[str, ...] = ()
-    memory_inputs: Callable[[str], bool] | None = None
-    memory_mask: Callable[[Batch], Tensor | None] = no_token_mask
+    module_kind: ModuleKind = module_kind
+    hidden_argument: str = "hidden_states"
+    check_model: Callable[[nn.Module, str], None] = refuse_mixed_layer_types
+    encdec: EncoderDecoder = EncoderDecoder()
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.classes for cls in type(model).__mro__)
@@ -216,20 +248,19 @@ def _t5_decoder_inputs(batch: Batch, encoder_output: Tensor) -> dict:
     return inputs
 
 
-_T5_STACK = dict(
-    blocks=lambda backbone: backbone.block,
-    call_kwargs={"use_cache": False},
-    later_arguments=_t5_later_arguments,
-)
+_T5_STACK = dict(blocks=lambda backbone: backbone.block, call_kwargs={"use_cache": False})
 
 T5_DECODER = ModelAdapter(
     name="t5-decoder",
     classes=(),
     backbone=lambda model: model.decoder,
     inputs=("input_ids", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
-    stage_inputs=_t5_decoder_inputs,
-    memory_inputs=lambda name: name.endswith(("EncDecAttention.k", "EncDecAttention.v")),
-    memory_mask=lambda batch: batch.get("encoder_attention_mask"),
+    encdec=EncoderDecoder(
+        later_arguments=_t5_later_arguments,
+        stage_inputs=_t5_decoder_inputs,
+        memory_inputs=lambda name: name.endswith(("EncDecAttention.k", "EncDecAttention.v")),
+        memory_mask=lambda batch: batch.get("encoder_attention_mask"),
+    ),
     **_T5_STACK,
 )
 
@@ -238,9 +269,12 @@ T5 = ModelAdapter(
     classes=("T5ForConditionalGeneration", "T5Model"),
     backbone=lambda model: model.encoder,
     inputs=("input_ids", "attention_mask", "inputs_embeds"),
-    next_stage=T5_DECODER,
-    stage_output=_t5_encoder_output,
-    batch_keys=("decoder_input_ids", "decoder_attention_mask", "labels"),
+    encdec=EncoderDecoder(
+        later_arguments=_t5_later_arguments,
+        next_stage=T5_DECODER,
+        stage_output=_t5_encoder_output,
+        batch_keys=("decoder_input_ids", "decoder_attention_mask", "labels"),
+    ),
     **_T5_STACK,
 )
 
@@ -249,6 +283,7 @@ T5_ENCODER = ModelAdapter(
     classes=("T5EncoderModel",),
     backbone=lambda model: model.encoder,
     inputs=("input_ids", "attention_mask", "inputs_embeds"),
+    encdec=EncoderDecoder(later_arguments=_t5_later_arguments),
     **_T5_STACK,
 )
 

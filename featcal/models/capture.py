@@ -9,7 +9,7 @@ the hidden states of the current stream.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..errors import FeatCalError
-from ..io.offload import Stream
 from ..ops import accumulator_dtype
 from .adapters import Batch, ModelAdapter
 
@@ -32,13 +31,15 @@ class BlockContext:
 
     args: tuple
     kwargs: dict
-    hidden_as_kwarg: bool
+    hidden_keyword: str | None = (
+        None  # the keyword the block takes its hidden states by; None: first positional
+    )
 
     def arguments(self, hidden: Tensor) -> tuple[tuple, dict]:
         """The block's (args, kwargs) with `hidden`, the captured tensors moved to its device."""
         ctx = self.to(hidden.device)
-        if self.hidden_as_kwarg:
-            return ctx.args, {**ctx.kwargs, "hidden_states": hidden}
+        if self.hidden_keyword is not None:
+            return ctx.args, {**ctx.kwargs, self.hidden_keyword: hidden}
         return (hidden, *ctx.args), ctx.kwargs
 
     def to(self, device: torch.device) -> BlockContext:
@@ -65,7 +66,7 @@ class BlockContext:
 
 def same_context(a: BlockContext, b: BlockContext) -> bool:
     """Whether two contexts hold equal arguments (then one copy serves both streams)."""
-    if a.hidden_as_kwarg != b.hidden_as_kwarg:
+    if a.hidden_keyword != b.hidden_keyword:
         return False
     left, right = tree_map(_marker, (a.args, a.kwargs)), tree_map(_marker, (b.args, b.kwargs))
     if left != right:
@@ -76,31 +77,6 @@ def same_context(a: BlockContext, b: BlockContext) -> bool:
 
 def _marker(value):
     return "tensor" if isinstance(value, Tensor) else value
-
-
-class Streams:
-    """Hidden states of one task at the current block boundary, one tensor per batch, with the
-    captured arguments (kept on `home`) to replay blocks on them. `new_stream(kind)` makes an
-    empty stream."""
-
-    def __init__(self, new_stream: Callable[[str], Stream], home: torch.device) -> None:
-        self.new_stream, self.home = new_stream, home
-        self.student, self.expert = new_stream("student"), new_stream("expert")
-        self.student_ctx: list[BlockContext] = []
-        self.expert_ctx: list[BlockContext] = []
-        self.weights: list[Tensor | None] = []
-        self.memory_weights: list[Tensor | None] = []  # of the encoder output (T5 decoder)
-        # The uncalibrated merged model's hidden states on the drift examples (first of batch 0).
-        self.drift: Tensor | None = None
-        self.drift_ctx: BlockContext | None = None
-
-    @property
-    def tokens(self) -> int:
-        return sum(shape[0] * shape[1] for shape in self.student.shapes())
-
-    def close(self) -> None:
-        self.student.close()
-        self.expert.close()
 
 
 def run_block(adapter: ModelAdapter, block: nn.Module, hidden: Tensor, ctx: BlockContext) -> Tensor:
@@ -160,28 +136,28 @@ def capture_first_block_inputs(
         )
     args, kwargs = captured["args"], dict(captured["kwargs"])
     if args:
-        hidden, rest, as_kwarg = args[0], tuple(args[1:]), False
-    elif "hidden_states" in kwargs:
-        hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
+        hidden, rest, keyword = args[0], tuple(args[1:]), None
+    elif adapter.hidden_argument in kwargs:
+        hidden, rest, keyword = kwargs.pop(adapter.hidden_argument), (), adapter.hidden_argument
     else:
         params = list(inspect.signature(first.forward).parameters)
         raise FeatCalError(
             f"cannot find the hidden states among the inputs of {type(first).__name__} "
             f"(parameters {params}); pass them as the first positional argument or as "
-            "`hidden_states`, or give the adapter a `run_block`"
+            f"`{adapter.hidden_argument}`, or set the adapter's `hidden_argument` or `run_block`"
         )
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
         raise FeatCalError(
             f"the first block of {type(backbone).__name__} receives hidden states of shape "
             f"{getattr(hidden, 'shape', None)}; featcal needs (batch, tokens, hidden)"
         )
-    return hidden.detach(), BlockContext(rest, kwargs, as_kwarg)
+    return hidden.detach(), BlockContext(rest, kwargs, keyword)
 
 
 def token_weights(adapter: ModelAdapter, batch: Batch, hidden: Tensor, memory: bool = False) -> Tensor | None:
     """Per-token weights (batch, tokens) of a batch from its padding mask (with `memory`, of the
     encoder output a decoder reads); None when all weigh 1."""
-    mask = (adapter.memory_mask if memory else adapter.token_mask)(batch)
+    mask = (adapter.encdec.memory_mask if memory else adapter.token_mask)(batch)
     if mask is None:
         return None
     if not memory and tuple(mask.shape) != tuple(hidden.shape[:2]):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import FeatCalError
+from ..errors import FeatCalError, Location
 from ..io.checkpoint import load_model, resolve
 from ..io.lazy_checkpoint import LazyCheckpoint
 from .adapters import ModelAdapter, find_adapter
@@ -52,15 +52,19 @@ class ModelSource:
     def __init__(self, model: nn.Module, role: str, lazy: LazyModel | None = None) -> None:
         self.model, self.role, self.lazy = model, role, lazy
         self.adapter: ModelAdapter = find_adapter(model, role)
-        _check_same_layers(model, role)
+        self.adapter.check_model(model, role)
         self.stages: list[ModelAdapter] = []
         stage: ModelAdapter | None = self.adapter
         while stage is not None:
             self.stages.append(stage)
-            stage = stage.next_stage
+            stage = stage.encdec.next_stage
         self.blocks = [list(s.blocks(s.backbone(model))) for s in self.stages]
         if lazy is not None:
             lazy.check(block for stage in self.blocks for block in stage)
+
+    def where(self, stage: int, index: int) -> Location:
+        """Block `index` of a stage, for messages (the stage is named when there are several)."""
+        return Location(stage=self.stages[stage].name if len(self.stages) > 1 else None, block=index)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,18 +95,6 @@ class ModelSource:
     def block_bytes(self, stage: int, index: int) -> int:
         """Bytes of one block's parameters in the dtype it runs in."""
         return sum(p.numel() for p in self.blocks[stage][index].parameters()) * self.dtype.itemsize
-
-
-def _check_same_layers(model: nn.Module, role: str) -> None:
-    """Block 0's inputs are replayed to every block: models whose layers receive different masks
-    (sliding-window layers mixed with full attention, per `config.layer_types`) are refused."""
-    kinds = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
-    if len(kinds) > 1:
-        raise FeatCalError(
-            f"the {role} mixes layer types {sorted(kinds)} (config.layer_types): its blocks receive "
-            "different attention masks, and featcal replays the first block's inputs to every block; "
-            "this is not supported yet"
-        )
 
 
 def open_source(model: ModelLike, role: str, dtype: torch.dtype | None = None) -> ModelSource:

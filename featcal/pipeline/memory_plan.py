@@ -20,7 +20,7 @@ import torch
 
 from ..errors import FeatCalError
 from ..io.offload import PLACEMENTS
-from ..models.modules import LINEAR, calibrated_modules
+from ..models.modules import LINEAR, ModuleKind, calibrated_modules, module_kind
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _UNITS |= {f"{u}b": v for u, v in list(_UNITS.items()) if u not in ("", "b")}
@@ -99,14 +99,16 @@ def estimate(
     context_bytes: int,
     tasks: int,
     device: torch.device,
+    kind_of: ModuleKind = module_kind,
 ) -> MemoryPlan:
     """The plan's sizes. blocks: the merged model's blocks (shapes only); block_bytes: the largest
     block's weights; batches: (examples, tokens, hidden) of every batch of every task, in the
-    model's dtype; context_bytes: the captured block arguments of all batches of all tasks."""
+    model's dtype; context_bytes: the captured block arguments of all batches of all tasks;
+    kind_of: the adapter's module kinds."""
     size, acc = dtype.itemsize, accumulator.itemsize
     statistics = activations_per_token = 0
     for block in blocks:
-        modules = calibrated_modules(block).values()
+        modules = calibrated_modules(block, kind_of).values()
         linear = [(m.d_in, m.d_out) for m in modules if m.kind == LINEAR]
         stats = sum(2 * d * d + max(d * d, d * o) + d * o for d, o in linear)
         stats += max((d * d for d, _ in linear), default=0)

@@ -1,143 +1,118 @@
-"""Per-task statistics of one block (featcal-math.md s.3), accumulated batch by batch in hooks.
+"""Per-task statistics of a block (docs/algorithm.md s.4-5): raw sums, then their normalisation.
 
-Modules that read the same input tensor with the same token weights form a group and share
-one Gram (q/k/v; gate/up). For a linear group and task t, with token weights w:
+For a linear group and task t, with token weights w, the raw sums are
 
-    S_w = sum w,   G = sum w x_s x_s^T / S_w,   mu_s = sum w x_s / S_w,
+    S_w = sum w,   sum w x_s x_s^T (lower triangle),   sum w x_s,
 
-and for each member m (expert weight W, bias b) the right-hand side Q_m = C W^T, with
-C = sum w x_s x_t^T / S_w and x_t = alpha x_e + (1 - alpha) x_s, in one of two exact ways:
+and the right-hand side's, by one of two exact methods (s.5):
 
-    cross:    X = sum w x_s x_e^T (d_in x d_in);  C = alpha X / S_w + (1 - alpha) G;  Q = C W^T
-    project:  Q = sum w x_s (alpha (y_e - b) + (1 - alpha) x_s W^T)^T / S_w, where y_e is the
-              expert module's own output. The sums run over y_e itself and b is taken out once
-              at the end (- alpha mu_s b^T); with more tokens than inputs the (1 - alpha) part
-              is taken once as (1 - alpha) G W^T instead of token by token.
+    cross:    X = sum w x_s x_e^T and sum w x_e; then C = alpha X / S_w + (1 - alpha) G, Q_m = C W_m^T
+    project:  per member m, sum w x_s y^T and sum w y_e, with y the expert module's own output y_e
+              (or, with fewer tokens than inputs, y = alpha y_e + (1 - alpha) x_s W_m^T token by
+              token); the bias is taken out once and (1 - alpha) G W_m^T added at normalisation.
 
-plus the teacher's mean output W mu_t for the bias. Norm groups accumulate the moments of
-z = norm(x_s) without affine: mean = sum w z / S_w and energy = sum w z^2 / S_w.
+Norm groups sum z = norm(x_s) without affine and z^2. The sums are linear in the tokens: sums
+of disjoint work items add (`TaskSums.add_`), and only the reduced sums are normalised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..errors import FeatCalError, NonFiniteError
-from ..models.modules import LINEAR, RMSNORM, ModuleRef
+from ..errors import FeatCalError, Location, NonFiniteError
+from ..models.modules import LINEAR, ModuleRef
+from .plan import BlockPlan, Group, choose_method
+from .tensor_state import TensorState
 
 
 @dataclass
-class Group:
-    """Calibrated modules of a block that read one input tensor with one token weighting."""
-
-    kind: str
-    members: list[ModuleRef]
-    focus: float | None
-    memory: bool = False  # reads the encoder output (T5 cross-attention keys and values)
-
-    @property
-    def leader(self) -> ModuleRef:
-        return self.members[0]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.members]
-
-    @property
-    def d_in(self) -> int:
-        return self.leader.d_in
-
-    @property
-    def d_out(self) -> int:
-        return sum(m.d_out for m in self.members)
-
-
-@dataclass
-class BlockPlan:
-    """The groups of a block, found by watching which modules receive the same tensor."""
-
-    groups: list[Group]
-    last: str
-    skipped: list[str] = field(default_factory=list)
-
-
-def discover_plan(
-    order: list[str],
-    inputs: dict[str, Tensor],
-    modules: dict[str, ModuleRef],
-    focus: Callable[[str], float | None],
-    where: str,
-    memory: Callable[[str], bool] | None = None,
-) -> BlockPlan:
-    """Group the modules called in `order` (one forward) by identical input tensor, kind, focus and
-    token set (`memory(name)`: the module reads the encoder output, weighted by its mask)."""
-    repeated = sorted({name for name in order if order.count(name) > 1})
-    if repeated:
-        raise FeatCalError(
-            f"{where}: modules {repeated} are called more than once in one forward pass; "
-            "FeatCal needs exactly one input per calibrated module"
-        )
-    found: list[tuple[tuple, Tensor, Group]] = []  # (kind, eps, focus, memory), input, group
-    for name in order:
-        ref, x = modules[name], inputs[name]
-        reads_memory = bool(memory and memory(name))
-        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name), reads_memory)
-        group = next((g for k, gx, g in found if k == key and gx is x), None)
-        if group is None:
-            found.append((key, x, Group(ref.kind, [ref], key[2], reads_memory)))
-        else:
-            group.members.append(ref)
-    skipped = [name for name in modules if name not in order]
-    return BlockPlan([g for _, _, g in found], order[-1], skipped)
-
-
-def choose_method(group: Group, tokens: int, alpha: float, requested: str) -> str:
-    """'cross' or 'project' for a linear group: the requested one, or for 'auto' the cheaper.
-
-    flops per task: cross 2 n d^2 + 2 d^2 D; project 2 n d D + min(2 n d D, 2 d^2 D) (D = sum d_out).
-    """
-    if requested != "auto":
-        return requested
-    n, d, big_d = tokens, group.d_in, group.d_out
-    cross = 2 * n * d * d + 2 * d * d * big_d
-    project = 2 * n * d * big_d + (0 if alpha == 1 else 2 * d * big_d * min(n, d))
-    return "cross" if cross <= project else "project"
-
-
-@dataclass
-class LinearMoments:
-    """One task's statistics of a linear group: G_t, mu_s, and per member C_t W^T and W mu_t."""
+class CrossSums(TensorState):
+    """Raw sums of a linear group whose right-hand side is formed by the 'cross' method."""
 
     group: Group
+    weight: Tensor  # () sum w
+    gram: Tensor  # (d, d) sum w x_s x_s^T, lower triangle
+    student: Tensor  # (d,) sum w x_s
+    cross: Tensor  # (d, d) sum w x_s x_e^T
+    expert: Tensor  # (d,) sum w x_e
+
+
+@dataclass
+class ProjectSums(TensorState):
+    """Raw sums of a linear group whose right-hand side is formed by the 'project' method."""
+
+    group: Group
+    per_token: bool  # (1 - alpha) x_s W^T folded in token by token (fewer tokens than inputs)
+    weight: Tensor
     gram: Tensor
-    mean_student: Tensor
-    rhs: list[Tensor]
-    teacher_out: list[Tensor]
+    student: Tensor
+    rhs: list[Tensor]  # per member (d, d_out) sum w x_s y^T
+    outputs: list[Tensor]  # per member (d_out,) sum w y_e
 
 
 @dataclass
-class CrossMoments:
-    """One task's statistics of a linear group in the reference's form: G_t, mu_s, C_t and mu_t."""
+class NormSums(TensorState):
+    """Raw sums of a norm group: of z = norm(x_s) without affine, and of z^2."""
 
     group: Group
-    gram: Tensor
-    mean_student: Tensor
-    cross: Tensor
-    mean_teacher: Tensor
+    weight: Tensor
+    z: Tensor
+    z_square: Tensor
+
+
+GroupSums = CrossSums | ProjectSums | NormSums
 
 
 @dataclass
-class NormMoments:
-    """One task's statistics of a norm group: weighted mean and energy of z = norm(x_s)."""
+class TaskSums(TensorState):
+    """One task's raw sums for the groups of a plan, in the plan's order."""
 
-    group: Group
-    mean: Tensor
-    energy: Tensor
+    groups: list[GroupSums] = field(default_factory=list)
+
+    @classmethod
+    def zeros(
+        cls,
+        plan: BlockPlan,
+        *,
+        tokens: int,
+        alpha: float,
+        cross_method: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> TaskSums:
+        """Empty sums. `tokens`: the task's token count over all its batches, which picks each
+        linear group's method (the same in every process that works on the task)."""
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        groups: list[GroupSums] = []
+        for group in plan.groups:
+            d = group.d_in
+            if group.kind != LINEAR:
+                groups.append(NormSums(group, zeros(), zeros(d), zeros(d)))
+            elif choose_method(group, tokens, alpha, cross_method) == "cross":
+                groups.append(CrossSums(group, zeros(), zeros(d, d), zeros(d), zeros(d, d), zeros(d)))
+            else:
+                rhs = [zeros(d, m.d_out) for m in group.members]
+                outputs = [zeros(m.d_out) for m in group.members]
+                per_token = alpha != 1 and tokens < d
+                groups.append(ProjectSums(group, per_token, zeros(), zeros(d, d), zeros(d), rhs, outputs))
+        return cls(groups)
+
+    def needs(self) -> tuple[set[str], set[str]]:
+        """Names of the expert modules whose input, and whose output, the sums read."""
+        inputs, outputs = set(), set()
+        for sums in self.groups:
+            if isinstance(sums, CrossSums):
+                inputs.add(sums.group.leader.name)
+            elif isinstance(sums, ProjectSums):
+                outputs.update(sums.group.names)
+        return inputs, outputs
 
 
 class ExpertCache:
@@ -172,60 +147,33 @@ class ExpertCache:
         self.order.clear()
 
 
-class TaskStatistics:
-    """Accumulates one task's statistics for every group of a block, one batch at a time."""
+class Accumulator:
+    """Adds one task's batches into its `TaskSums`, one group input at a time (from hooks).
+
+    expert: the task's expert modules of the block (W_m for the per-token projection).
+    """
 
     def __init__(
         self,
-        plan: BlockPlan,
+        sums: TaskSums,
         expert: dict[str, ModuleRef],
         *,
         alpha: float,
-        tokens: int,
-        cross_method: str,
         tf32: bool = False,
-        dtype: torch.dtype,
-        device: torch.device,
-        where: str,
+        where: Location,
     ) -> None:
-        self.plan, self.expert, self.alpha, self.tf32 = plan, expert, float(alpha), tf32
-        self.where = where  # names the task and block in messages
-        self.dtype, self.device = dtype, device
-        self.method: dict[int, str] = {}
-        self.per_token: dict[int, bool] = {}
-        self.buffers: dict[int, dict[str, Tensor]] = {}
-        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        for i, group in enumerate(plan.groups):
-            buf = {"weight_sum": zeros()}
-            d = group.d_in
-            if group.kind == LINEAR:
-                self.method[i] = choose_method(group, tokens, alpha, cross_method)
-                buf["gram"], buf["sum_s"] = zeros(d, d), zeros(d)
-                if self.method[i] == "cross":
-                    buf["cross"], buf["sum_e"] = zeros(d, d), zeros(d)
-                else:
-                    self.per_token[i] = self.alpha != 1 and tokens < d
-                    for m in group.members:
-                        buf[f"rhs:{m.name}"] = zeros(d, m.d_out)
-                        buf[f"out:{m.name}"] = zeros(m.d_out)
-            else:
-                buf["z_sum"], buf["z_sq"] = zeros(d), zeros(d)
-            self.buffers[i] = buf
+        self.sums, self.expert, self.alpha, self.tf32, self.where = sums, expert, float(alpha), tf32, where
+        first = sums.groups[0]
+        self.dtype, self.device = first.weight.dtype, first.weight.device
         self._mask: Tensor | None = None
         self._memory_mask: Tensor | None = None
         self._cache: ExpertCache | None = None
         self._weights: dict = {}
         self._seen: set[int] = set()
 
-    def needs(self) -> tuple[set[str], set[str]]:
-        """Names of the expert modules whose input, and whose output, the statistics read."""
-        inputs, outputs = set(), set()
-        for i, group in enumerate(self.plan.groups):
-            if self.method.get(i) == "cross":
-                inputs.add(group.leader.name)
-            elif self.method.get(i) == "project":
-                outputs.update(group.names)
-        return inputs, outputs
+    @property
+    def groups(self) -> list[Group]:
+        return [s.group for s in self.sums.groups]
 
     def begin_batch(self, mask: Tensor | None, cache: ExpertCache, memory_mask: Tensor | None = None) -> None:
         """Start a batch: its (batch, tokens) padding weights, those of the encoder output that
@@ -235,7 +183,7 @@ class TaskStatistics:
 
     def end_batch(self) -> None:
         """Check that every group received exactly one input during the batch's forward pass."""
-        missed = [g.names for i, g in enumerate(self.plan.groups) if i not in self._seen]
+        missed = [g.names for i, g in enumerate(self.groups) if i not in self._seen]
         if missed:
             raise FeatCalError(
                 f"{self.where}: modules {missed} were not called in a "
@@ -244,29 +192,23 @@ class TaskStatistics:
 
     def accumulate(self, i: int, x: Tensor) -> None:
         """Add the student input x (batch, tokens, d_in) of group i for the current batch."""
-        group = self.plan.groups[i]
+        sums = self.sums.groups[i]
+        group = sums.group
         if i in self._seen:
             raise FeatCalError(
                 f"{self.where}: modules {group.names} were called twice "
                 "in one forward pass; FeatCal needs exactly one input per calibrated module"
             )
         self._seen.add(i)
-        buf = self.buffers[i]
         x2 = x.reshape(-1, x.shape[-1])
         w = self._token_weights(group, x)
-        buf["weight_sum"] += x2.shape[0] if w is None else w.sum()
-        if group.kind != LINEAR:
-            ops.norm_moments(
-                x2,
-                w,
-                rms=group.kind == RMSNORM,
-                eps=group.leader.norm_eps(),
-                out_sum=buf["z_sum"],
-                out_sq=buf["z_sq"],
-            )
+        sums.weight += x2.shape[0] if w is None else w.sum()
+        if isinstance(sums, NormSums):
+            eps = group.leader.norm_eps()
+            ops.norm_moments(x2, w, rms=group.leader.is_rms, eps=eps, out_sum=sums.z, out_sq=sums.z_square)
             return
-        ops.weighted_gram(x2, w, buf["gram"], lower_only=True, out_sum=buf["sum_s"], tf32=self.tf32)
-        if self.method[i] == "cross":
+        ops.weighted_gram(x2, w, sums.gram, lower_only=True, out_sum=sums.student, tf32=self.tf32)
+        if isinstance(sums, CrossSums):
             xe = self._cache.inputs[group.leader.name]
             if xe.shape != x.shape:
                 raise FeatCalError(
@@ -275,72 +217,20 @@ class TaskStatistics:
                     "the expert"
                 )
             xe2 = xe.reshape(-1, xe.shape[-1])
-            ops.weighted_cross(x2, xe2, w, buf["cross"], out_sum_y=buf["sum_e"], tf32=self.tf32)
+            ops.weighted_cross(x2, xe2, w, sums.cross, out_sum_y=sums.expert, tf32=self.tf32)
             return
-        for m in group.members:
+        for k, m in enumerate(group.members):
             ye = self._cache.outputs[m.name]
             y = ye.reshape(-1, ye.shape[-1])
-            out_sum = buf[f"out:{m.name}"]
-            if self.per_token[i]:
+            out_sum = sums.outputs[k]
+            if sums.per_token:
                 W, _ = self.expert[m.name].params(self.dtype, self.device)
                 ops.weighted_sum(y, w, out_sum)
                 y = torch.addmm(
                     y.to(self.dtype), x2.to(self.dtype), W.mT, beta=self.alpha, alpha=1 - self.alpha
                 )
                 out_sum = None
-            ops.weighted_cross(x2, y, w, buf[f"rhs:{m.name}"], out_sum_y=out_sum, tf32=self.tf32)
-
-    def finish(self, project: bool = True) -> list[LinearMoments | CrossMoments | NormMoments]:
-        """The task's normalised statistics per group, checked for NaN and Inf.
-
-        With project=False, linear groups accumulated by the 'cross' method come back as
-        CrossMoments (C_t and mu_t themselves) instead of being multiplied by the expert weights.
-        """
-        out = []
-        for i, group in enumerate(self.plan.groups):
-            buf = self.buffers.pop(i)
-            total = buf["weight_sum"]
-            if not total > 0:
-                raise FeatCalError(
-                    f"{self.where}: no token with nonzero weight reached module(s) {group.names}; "
-                    "every calibration token is padding"
-                )
-            if group.kind != LINEAR:
-                mean, energy = buf["z_sum"] / total, buf["z_sq"] / total
-                self._check(group, "student (merged model)", mean, energy)
-                out.append(NormMoments(group, mean, energy))
-                continue
-            gram = ops.complete_gram(buf["gram"]).div_(total)
-            mean_s = buf["sum_s"] / total
-            self._check(group, "student (merged model)", gram, mean_s)
-            rhs, teacher = [], []
-            if self.method[i] == "cross":
-                cross = buf["cross"].div_(total).mul_(self.alpha).add_(gram, alpha=1 - self.alpha)
-                mean_t = buf["sum_e"].div_(total).mul_(self.alpha).add_(mean_s, alpha=1 - self.alpha)
-                self._check(group, "expert", cross, mean_t)
-                if not project:
-                    out.append(CrossMoments(group, gram, mean_s, cross, mean_t))
-                    continue
-                for m in group.members:
-                    W, _ = self.expert[m.name].params(self.dtype, self.device)
-                    rhs.append(cross @ W.mT)
-                    teacher.append(W @ mean_t)
-            else:
-                for m in group.members:
-                    W, b = self.expert[m.name].params(self.dtype, self.device)
-                    q = buf[f"rhs:{m.name}"].div_(total)
-                    mean_out = buf[f"out:{m.name}"].div_(total)
-                    if b is not None:
-                        q.addr_(mean_s, b, alpha=-(self.alpha if self.per_token[i] else 1.0))
-                        mean_out.sub_(b)
-                    if not self.per_token[i]:
-                        q.mul_(self.alpha).addmm_(gram, W.mT, alpha=1 - self.alpha)
-                    mean_out.mul_(self.alpha).addmv_(W, mean_s, alpha=1 - self.alpha)
-                    self._check(group, "expert", q, mean_out)
-                    rhs.append(q)
-                    teacher.append(mean_out)
-            out.append(LinearMoments(group, gram, mean_s, rhs, teacher))
-        return out
+            ops.weighted_cross(x2, y, w, sums.rhs[k], out_sum_y=out_sum, tf32=self.tf32)
 
     def _token_weights(self, group: Group, x: Tensor) -> Tensor | None:
         key = (group.focus, group.memory)
@@ -358,9 +248,102 @@ class TaskStatistics:
             self._weights[key] = None if w is None else w.reshape(-1)
         return self._weights[key]
 
-    def _check(self, group: Group, side: str, *tensors: Tensor) -> None:
-        if all(ops.all_finite(t) for t in tensors):
-            return
-        raise NonFiniteError(
-            f"NaN or Inf in the activations of {self.where}, module(s) {group.names} ({side} side)"
-        )
+
+@dataclass
+class LinearMoments:
+    """One task's statistics of a linear group: G_t, mu_s, and per member C_t W^T and W mu_t."""
+
+    group: Group
+    gram: Tensor
+    mean_student: Tensor
+    rhs: list[Tensor]
+    teacher_out: list[Tensor]
+
+
+@dataclass
+class CrossMoments:
+    """One task's statistics of a linear group in the reference's form: G_t, mu_s, C_t and mu_t."""
+
+    group: Group
+    gram: Tensor
+    mean_student: Tensor
+    cross: Tensor
+    mean_teacher: Tensor
+
+
+@dataclass
+class NormMoments:
+    """One task's statistics of a norm group: weighted mean and energy of z = norm(x_s)."""
+
+    group: Group
+    mean: Tensor
+    energy: Tensor
+
+
+Moments = LinearMoments | CrossMoments | NormMoments
+
+
+def normalise(
+    sums: TaskSums, expert: dict[str, ModuleRef], *, alpha: float, where: Location
+) -> list[Moments]:
+    """A task's reduced sums as weighted means, checked for NaN and Inf (s.4): CrossMoments for
+    'cross' groups, LinearMoments for 'project' groups, NormMoments for norms. Consumes `sums`
+    (its tensors are reused for the results)."""
+    out: list[Moments] = []
+    for s in sums.groups:
+        group, total = s.group, s.weight
+        if not total > 0:
+            raise FeatCalError(
+                f"{where}: no token with nonzero weight reached module(s) {group.names}; "
+                "every calibration token is padding"
+            )
+        if isinstance(s, NormSums):
+            mean, energy = s.z / total, s.z_square / total
+            _check(where, group, "student (merged model)", mean, energy)
+            out.append(NormMoments(group, mean, energy))
+            continue
+        gram = ops.complete_gram(s.gram).div_(total)
+        mean_s = s.student / total
+        _check(where, group, "student (merged model)", gram, mean_s)
+        if isinstance(s, CrossSums):
+            cross = s.cross.div_(total).mul_(alpha).add_(gram, alpha=1 - alpha)
+            mean_t = s.expert.div_(total).mul_(alpha).add_(mean_s, alpha=1 - alpha)
+            _check(where, group, "expert", cross, mean_t)
+            out.append(CrossMoments(group, gram, mean_s, cross, mean_t))
+            continue
+        rhs, teacher = [], []
+        dtype, device = gram.dtype, gram.device
+        for k, m in enumerate(group.members):
+            W, b = expert[m.name].params(dtype, device)
+            q = s.rhs[k].div_(total)
+            mean_out = s.outputs[k].div_(total)
+            if b is not None:
+                q.addr_(mean_s, b, alpha=-(alpha if s.per_token else 1.0))
+                mean_out.sub_(b)
+            if not s.per_token:
+                q.mul_(alpha).addmm_(gram, W.mT, alpha=1 - alpha)
+            mean_out.mul_(alpha).addmv_(W, mean_s, alpha=1 - alpha)
+            _check(where, group, "expert", q, mean_out)
+            rhs.append(q)
+            teacher.append(mean_out)
+        out.append(LinearMoments(group, gram, mean_s, rhs, teacher))
+    return out
+
+
+def project(moments: Moments, expert: dict[str, ModuleRef]) -> LinearMoments | NormMoments:
+    """CrossMoments as the solver takes them: per member C_t W^T and W mu_t; others as they are."""
+    if not isinstance(moments, CrossMoments):
+        return moments
+    dtype, device = moments.gram.dtype, moments.gram.device
+    rhs, teacher = [], []
+    for m in moments.group.members:
+        W, _ = expert[m.name].params(dtype, device)
+        rhs.append(moments.cross @ W.mT)
+        teacher.append(W @ moments.mean_teacher)
+    return LinearMoments(moments.group, moments.gram, moments.mean_student, rhs, teacher)
+
+
+def _check(where: Location, group: Group, side: str, *tensors: Tensor) -> None:
+    if all(ops.all_finite(t) for t in tensors):
+        return
+    raise NonFiniteError(f"NaN or Inf in the activations of {where}, module(s) {group.names} ({side} side)")

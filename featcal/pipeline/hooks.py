@@ -1,0 +1,85 @@
+"""The forward hooks of the accumulate phase (docs/algorithm.md s.2).
+
+On the expert block, hooks cache the module inputs and outputs the statistics need; on the
+merged block, pre-hooks feed each group's input straight into the sums, so no activation
+outlives its batch, and stop the forward after the plan's last module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor
+
+from ..errors import FeatCalError, Location
+from ..models.capture import stop_forward
+from ..models.modules import LINEAR, ModuleRef
+from .plan import BlockPlan
+from .statistics import Accumulator, ExpertCache
+
+
+def module_input(args: tuple, kwargs: dict) -> Tensor:
+    """The input tensor of a module call, positional or keyword."""
+    if args:
+        return args[0]
+    return next(v for v in kwargs.values() if isinstance(v, Tensor))
+
+
+@contextmanager
+def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[None]:
+    """While active, every forward of the expert block fills `cache`."""
+
+    def on_input(name):
+        return lambda module, args, kwargs: cache.on_input(name, module_input(args, kwargs))
+
+    def on_output(name):
+        return lambda module, args, output: cache.on_output(name, output)
+
+    handles = []
+    try:
+        for name, ref in modules.items():
+            handles.append(ref.module.register_forward_pre_hook(on_input(name), with_kwargs=True))
+            if ref.kind == LINEAR:
+                handles.append(ref.module.register_forward_hook(on_output(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def student_hooks(
+    plan: BlockPlan, modules: dict[str, ModuleRef], stats: Accumulator, where: Location
+) -> Iterator[None]:
+    """While active, a forward of the merged block accumulates `stats` and stops after plan.last."""
+    leader_inputs: dict[int, Tensor] = {}
+
+    def hook_for(i: int, name: str, leader: bool):
+        def hook(module, args, kwargs):
+            x = module_input(args, kwargs)
+            if leader:
+                stats.accumulate(i, x)
+                leader_inputs[i] = x
+            elif leader_inputs.get(i) is not x:
+                raise FeatCalError(
+                    f"{where}: module {name!r} no longer reads the same input as "
+                    f"{plan.groups[i].leader.name!r}, as it did in the first batch"
+                )
+            if name == plan.last:
+                leader_inputs.clear()
+                stop_forward()
+
+        return hook
+
+    handles = []
+    try:
+        for i, group in enumerate(plan.groups):
+            for k, name in enumerate(group.names):
+                module = modules[name].module
+                handles.append(module.register_forward_pre_hook(hook_for(i, name, k == 0), with_kwargs=True))
+        yield
+    finally:
+        leader_inputs.clear()
+        for handle in handles:
+            handle.remove()

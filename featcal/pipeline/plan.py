@@ -1,0 +1,105 @@
+"""The module groups of a block (docs/algorithm.md s.4): which calibrated modules share an input.
+
+Modules that read the same input tensor with the same token weighting form a group and share
+one Gram (q/k/v; gate/up). The groups are found once per block by watching one forward pass
+of an expert block; a plan can be cut to some of its groups (a later stage of a block works
+on the groups whose inputs the groups before it produce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..errors import FeatCalError, Location
+from ..models.modules import LINEAR, ModuleRef
+
+
+@dataclass
+class Group:
+    """Calibrated modules of a block that read one input tensor with one token weighting."""
+
+    kind: str
+    members: list[ModuleRef]
+    focus: float | None
+    memory: bool = False  # reads the encoder output (T5 cross-attention keys and values)
+
+    @property
+    def leader(self) -> ModuleRef:
+        return self.members[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def d_in(self) -> int:
+        return self.leader.d_in
+
+    @property
+    def d_out(self) -> int:
+        return sum(m.d_out for m in self.members)
+
+
+@dataclass
+class BlockPlan:
+    """The groups of a block in forward order; `last` is the last of their modules to be called
+    (the merged forward stops after it), `skipped` the calibrated modules never called."""
+
+    groups: list[Group]
+    last: str
+    skipped: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # call order of the modules (default: by group)
+
+    def only(self, indices: Sequence[int]) -> BlockPlan:
+        """The plan of some of the groups, in their order; the forward stops after the last of them."""
+        groups = [self.groups[i] for i in indices]
+        names = {n for g in groups for n in g.names}
+        order = [n for n in (self.order or [n for g in self.groups for n in g.names]) if n in names]
+        return BlockPlan(groups, order[-1], [], order)
+
+
+def discover_plan(
+    order: list[str],
+    inputs: dict[str, Tensor],
+    modules: dict[str, ModuleRef],
+    focus: Callable[[str], float | None],
+    where: Location,
+    memory: Callable[[str], bool] | None = None,
+) -> BlockPlan:
+    """Group the modules called in `order` (one forward) by identical input tensor, kind, focus and
+    token set (`memory(name)`: the module reads the encoder output, weighted by its mask)."""
+    repeated = sorted({name for name in order if order.count(name) > 1})
+    if repeated:
+        raise FeatCalError(
+            f"{where}: modules {repeated} are called more than once in one forward pass; "
+            "FeatCal needs exactly one input per calibrated module"
+        )
+    found: list[tuple[tuple, Tensor, Group]] = []  # (kind, eps, focus, memory), input, group
+    for name in order:
+        ref, x = modules[name], inputs[name]
+        reads_memory = bool(memory and memory(name))
+        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name), reads_memory)
+        group = next((g for k, gx, g in found if k == key and gx is x), None)
+        if group is None:
+            found.append((key, x, Group(ref.kind, [ref], key[2], reads_memory)))
+        else:
+            group.members.append(ref)
+    skipped = [name for name in modules if name not in order]
+    return BlockPlan([g for _, _, g in found], order[-1], skipped, list(order))
+
+
+def choose_method(group: Group, tokens: int, alpha: float, requested: str) -> str:
+    """'cross' or 'project' for a linear group: the requested one, or for 'auto' the cheaper.
+
+    `tokens` is the task's token count over all its batches (wherever they are processed).
+    flops per task: cross 2 n d^2 + 2 d^2 D; project 2 n d D + min(2 n d D, 2 d^2 D) (D = sum d_out).
+    """
+    if requested != "auto":
+        return requested
+    n, d, big_d = tokens, group.d_in, group.d_out
+    cross = 2 * n * d * d + 2 * d * d * big_d
+    project = 2 * n * d * big_d + (0 if alpha == 1 else 2 * d * big_d * min(n, d))
+    return "cross" if cross <= project else "project"

@@ -1,0 +1,71 @@
+"""State made of named tensors: one ordered list for a collective, a state dict for a file.
+
+A dataclass that inherits `TensorState` declares its tensors as fields holding a tensor, a
+list of tensors (one per group member) or a list of such states (one per group); every other
+field (the group it belongs to, a method chosen before accumulation) is description, not state.
+Two states of one layout line up field by field, so sums made by different work items or
+processes add with `add_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
+
+from torch import Tensor
+
+from ..errors import FeatCalError
+
+
+class TensorState:
+    """Mixin for dataclasses of named tensors (see the module docstring)."""
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) in field order; list fields give `name.0`, `name.1`, ..."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                yield f.name, value
+            elif isinstance(value, list):
+                for k, v in enumerate(value):
+                    if isinstance(v, Tensor):
+                        yield f"{f.name}.{k}", v
+                    elif isinstance(v, TensorState):
+                        for name, t in v.named_tensors():
+                            yield f"{f.name}.{k}.{name}", t
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors in a fixed order, e.g. for an all-reduce."""
+        return [t for _, t in self.named_tensors()]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.named_tensors())
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy `state` (as `state_dict` gives it) into these tensors; names and shapes must match."""
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise FeatCalError(
+                f"{type(self).__name__}: state has tensors missing {missing} and unexpected {extra}"
+            )
+        for name, tensor in mine.items():
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise FeatCalError(
+                    f"{type(self).__name__}: tensor {name!r} has shape {tuple(state[name].shape)} "
+                    f"in the state but {tuple(tensor.shape)} here"
+                )
+            tensor.copy_(state[name])
+
+    def add_(self, other: TensorState) -> None:
+        """Add another state of the same layout into this one, tensor by tensor."""
+        mine, theirs = list(self.named_tensors()), list(other.named_tensors())
+        if [n for n, _ in mine] != [n for n, _ in theirs]:
+            raise FeatCalError(f"{type(self).__name__}: cannot add states of different layouts")
+        for (name, a), (_, b) in zip(mine, theirs):
+            if a.shape != b.shape:
+                raise FeatCalError(
+                    f"{type(self).__name__}: tensor {name!r} has shape {tuple(b.shape)}, expected "
+                    f"{tuple(a.shape)}"
+                )
+            a.add_(b)
