@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, STACK_ADAPTER, Stack, make_experts, registered, setup
+from tiny_models import CLIP_VISION, STACK_ADAPTER, T5, Stack, make_experts, registered, setup
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -136,5 +136,16 @@ def test_module_skipped_in_a_later_batch_is_named(stack_models):
     data = {t: [torch.randn(4, 6, 3), torch.randn(2, 6, 3)] for t in experts}
     with pytest.raises(
         FeatCalError, match=r"task 'task0', block 0: modules \[\['up'\], \['down'\]\] were not called"
+    ):
+        calibrate(merged, base=base, experts=experts, data=data, config=CFG)
+
+
+@pytest.mark.parametrize(("stack", "stage"), [("encoder", "t5"), ("decoder", "t5-decoder")])
+def test_messages_tell_t5_encoder_and_decoder_blocks_apart(stack, stage):
+    base, experts, merged, data = setup(T5, tasks=2, dtype=torch.float32)
+    with torch.no_grad():
+        getattr(experts["task1"], stack).block[1].layer[-1].DenseReluDense.wi_0.weight[0, 0] = float("inf")
+    with pytest.raises(
+        NonFiniteError, match=rf"task 'task1', {stage} block 1, module\(s\) \['layer.*\(expert side\)"
     ):
         calibrate(merged, base=base, experts=experts, data=data, config=CFG)
