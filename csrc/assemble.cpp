@@ -1,4 +1,4 @@
-// The fused assemble step of a module group (featcal-math.md s.4): A += G_t / n_t with
+// The fused assemble step of a module group (docs/algorithm.md s.6): A += G_t / n_t with
 // n_t = max(||G_t||_F, eps), folded into one buffer as each task's Gram arrives.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-// (A + ridge I) X = B for symmetric positive definite A by Cholesky (featcal-math.md s.8):
+// (A + ridge I) X = B for symmetric positive definite A by Cholesky (docs/algorithm.md s.7):
 // factorise in a workspace the solver owns, retry a failed factorisation with growing diagonal
 // jitter, and solve the systems that still fail by an eigendecomposition pseudo-inverse.
 // X is computed in place of a copy of the right-hand sides (several, side by side: one

@@ -1,4 +1,4 @@
-"""FeatCal hyperparameters. Field names and defaults follow the reference run (featcal-math.md s.5)."""
+"""FeatCal hyperparameters. Field names and defaults follow the reference run (docs/algorithm.md s.9)."""
 
 from __future__ import annotations
 

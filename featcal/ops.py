@@ -270,8 +270,8 @@ def _extension_for(op: str, device: torch.device) -> ModuleType | None:
 
 
 def assemble(A: Tensor, G: Tensor, eps: float) -> float:
-    """A += G / n with n = max(||G||_F, eps) (one task's Gram folded into a group's sum, s.4);
-    returns n. A is left untouched when n is 0."""
+    """A += G / n with n = max(||G||_F, eps) (one task's Gram folded into a group's sum,
+    docs/algorithm.md s.6); returns n. A is left untouched when n is 0."""
     if A.shape != G.shape or A.dtype != G.dtype:
         raise FeatCalError(
             f"assemble: A {tuple(A.shape)} {A.dtype} and G {tuple(G.shape)} {G.dtype} must match"

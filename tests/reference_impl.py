@@ -1,4 +1,4 @@
-"""An independent float64 implementation of featcal-math.md, written for the tests.
+"""An independent float64 implementation of docs/algorithm.md, written for the tests.
 
 It follows the page literally and shares no code with featcal: activations of every module
 are kept per batch, each module has its own statistics (no shared Grams, no folding), the
@@ -71,7 +71,7 @@ def _token_weights(family, name, layer, num_layers, x, mask):
 
 @torch.no_grad()
 def reference_calibrate(family: Family, merged, base, experts: dict, data: dict, cfg) -> None:
-    """Calibrate `merged` (float64) in place, exactly as featcal-math.md states."""
+    """Calibrate `merged` (float64) in place, exactly as docs/algorithm.md states."""
     lam = max(cfg.lambda_ratio, 0.0)
     eps, rho, alpha = cfg.covariance_eps, cfg.anchor_blend_rho, cfg.teacher_interp_alpha
     tasks = list(experts)

@@ -3,7 +3,7 @@
 A front end written like the reference's calibrate loop (first-layer inputs as lists of
 per-batch CPU tensors, layer parameters as state-dict lists per task) must give, with these two
 functions, the model featcal.calibrate gives; the statistics and the merge are also checked on
-their own against float64 definitions written here from featcal-math.md.
+their own against float64 definitions written here from docs/algorithm.md.
 """
 
 import copy
@@ -195,7 +195,7 @@ def _module_inputs(layer, inputs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("index", [1, 2], ids=["middle-layer", "last-layer"])
 def test_statistics_follow_the_definition(index):
-    """Each module's dict against featcal-math.md s.3 in float64; the last layer focuses on the class
+    """Each module's dict against docs/algorithm.md s.4 in float64; the last layer focuses on the class
     token except in k_proj and v_proj."""
     alpha, layers = 0.3, 3
     args = _collect_arguments(index, alpha)
@@ -243,7 +243,7 @@ def test_statistics_follow_the_definition(index):
 
 
 def _closed_form(params, stats, merged, base, lam, eps, rho, calibrate_bias, calibrate_norm):
-    """featcal-math.md s.4 for a layer of Linear 'proj' and LayerNorm 'norm', float64, tasks as lists."""
+    """docs/algorithm.md s.6 for a layer of Linear 'proj' and LayerNorm 'norm', float64, tasks as lists."""
     lam = max(lam, 0.0)
     out = {}
 

@@ -1,4 +1,4 @@
-"""calibrate() against the independent float64 implementation of featcal-math.md (reference_impl).
+"""calibrate() against the independent float64 implementation of docs/algorithm.md (reference_impl).
 
 Every family is calibrated in float64 by both; each block's parameters must agree within 1e-6
 relative and the final features within 1e-5. The float32 run must stay within 1e-5 of float64.

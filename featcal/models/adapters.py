@@ -320,6 +320,6 @@ def find_adapter(model: nn.Module, role: str = "model") -> ModelAdapter:
         "and which tokens count, e.g.\n"
         "    featcal.register_adapter(featcal.ModelAdapter(name='mine', classes=('MyModel',),\n"
         "        blocks=lambda backbone: backbone.encoder.layers))\n"
-        "See featcal/adapters.py for the optional fields (backbone, inputs, token_mask, "
+        "See featcal/models/adapters.py for the optional fields (backbone, inputs, token_mask, "
         "token_focus, run_block)."
     )
