@@ -1,8 +1,9 @@
 """Calibrated weights and drift stay what they were before the driver became explicit phases.
 
-tests/data/pinned_results.safetensors holds, for every family in memory (float64) and three
-streamed from disk (float32), the block parameters and per-block drift that `calibrate` gave at
-commit 6fccffa (see tests/pinned_cases.py). Every tensor must agree within 1e-6 relative.
+tests/data/pinned_results.safetensors holds, for every family in memory (float64) and five
+streamed from disk (float32: CLIP, BERT, Llama, GPT-2, T5), the block parameters and per-block
+drift that `calibrate` gave at commit 6fccffa (see tests/pinned_cases.py). Every tensor must
+agree within 1e-6 relative.
 """
 
 import pytest

@@ -77,15 +77,16 @@ def collect_layer_statistics(
       modify them in place.
     - next_expert_inputs: the expert layer's output for each batch, on the CPU.
     """
+    where = Location(block=layer_idx)
     if len(student_inputs) != len(expert_inputs):
         raise FeatCalError(
-            f"layer {layer_idx}: student_inputs has {len(student_inputs)} batches but "
+            f"{where}: student_inputs has {len(student_inputs)} batches but "
             f"expert_inputs has {len(expert_inputs)}"
         )
     student, expert = calibrated_modules(student_layer), calibrated_modules(expert_layer)
     if list(student) != list(expert):
         raise FeatCalError(
-            f"layer {layer_idx}: the student and expert layers have different modules: "
+            f"{where}: the student and expert layers have different modules: "
             f"{list(student)} vs {list(expert)}"
         )
     if not student_inputs:
@@ -93,12 +94,12 @@ def collect_layer_statistics(
     device, expert_device = _device(student_layer, "student_layer"), _device(expert_layer, "expert_layer")
     if expert_device != device:
         raise FeatCalError(
-            f"layer {layer_idx}: student_layer is on {device} but expert_layer on {expert_device}; "
+            f"{where}: student_layer is on {device} but expert_layer on {expert_device}; "
             "put both on one device"
         )
     cfg = FeatCalConfig(teacher_interp_alpha=teacher_interp_alpha, cross_method="cross", progress=False)
     dtype = accumulator_dtype(next(student_layer.parameters()).dtype)
-    run = BlockRun(CLIP_VISION, layer_idx, num_layers, Location(block=layer_idx), cfg, dtype, device)
+    run = BlockRun(CLIP_VISION, layer_idx, num_layers, where, cfg, dtype, device)
     context = BlockContext((), {"attention_mask": None, "causal_attention_mask": None})
     contexts = [context] * len(student_inputs)
     inputs = BlockInputs(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,12 @@ from .state import BlockInputs, TaskState
 from .statistics import Accumulator, ExpertCache, TaskSums, normalise, project
 
 AllReduce = Callable[[list[Tensor]], None]  # sums each tensor in place across processes
+
+
+class Sink(Protocol):
+    """Where accumulate puts the expert block's output of each batch (a Stream, a list)."""
+
+    def append(self, value: Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,13 +112,13 @@ def accumulate(
     expert_block: nn.Module,
     inputs: BlockInputs,
     sums: TaskSums,
-    outputs,
+    outputs: Sink,
     *,
-    task: str,
+    task: str | None,
     first: FirstBatch | None = None,
 ) -> None:
     """Add one task's batches into `sums` (made for `plan`) and append the expert block's output
-    of each batch to `outputs` (anything with `append`). The merged block runs uncalibrated and
+    of each batch to `outputs`. The merged block runs uncalibrated and
     stops after the plan's last module. `first`: batch 0 of the expert, already run."""
     where = run.where.at(task=task)
     expert_mods = run.modules(expert_block)
