@@ -22,8 +22,9 @@ class NonFiniteError(FeatCalError):
 class Location:
     """Where a message points: any of task, stage, block, module and batch.
 
-    str() gives them in that order, e.g. "task 'math', decoder block 1, module 'q', batch 2";
-    `stage` is shown only for models with more than one stage (T5: "encoder", "decoder").
+    str() gives them in that order, e.g. "task 'math', t5-decoder block 1, module 'q', batch 2";
+    `stage` (the stage's adapter name) is set only for models with more than one stage (T5: "t5"
+    for the encoder, "t5-decoder").
     """
 
     task: str | None = None
@@ -43,7 +44,7 @@ class Location:
         if self.block is not None:
             parts.append(f"{self.stage} block {self.block}" if self.stage else f"block {self.block}")
         elif self.stage:
-            parts.append(f"the {self.stage}")
+            parts.append(f"{self.stage} stage")
         if self.module is not None:
             parts.append(f"module {self.module!r}")
         if self.batch is not None:

@@ -287,7 +287,9 @@ def assemble(A: Tensor, G: Tensor, eps: float) -> float:
     return n
 
 
-def ridge_solve(A: Tensor, B: Tensor | Sequence[Tensor], ridge: float = 0.0) -> Tensor:
+def ridge_solve(
+    A: Tensor, B: Tensor | Sequence[Tensor], ridge: float = 0.0, *, where: str | None = None
+) -> Tensor:
     """Solve (A + ridge I) X = B for symmetric positive definite A (only its lower triangle is read).
 
     A: (..., d, d); B: (..., d, m) or (..., d), or a list of (..., d, m_i) right-hand sides
@@ -297,7 +299,7 @@ def ridge_solve(A: Tensor, B: Tensor | Sequence[Tensor], ridge: float = 0.0) -> 
     diagonal jitter growing from 1e-10 to 1e-2 of its mean diagonal, then solved by an
     eigendecomposition pseudo-inverse. Each fallback step is logged at WARNING. featcal._C
     serves when it loads (in place, in one d x d workspace); the PyTorch implementation below
-    otherwise.
+    otherwise. `where` (e.g. the block and modules) starts the fallback warnings.
     """
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise FeatCalError(f"ridge_solve: A must be square (..., d, d), got shape {tuple(A.shape)}")
@@ -320,11 +322,11 @@ def ridge_solve(A: Tensor, B: Tensor | Sequence[Tensor], ridge: float = 0.0) -> 
             X, steps = ext.ridge_solve(A, parts, float(ridge), list(JITTER_STEPS))
         except RuntimeError as exc:  # the extension's input checks
             raise FeatCalError(str(exc).strip().splitlines()[0]) from exc
-    _log_fallbacks(steps, A.shape[-1])
+    _log_fallbacks(steps, A.shape[-1], "ridge_solve" if where is None else f"{where}: ridge_solve")
     return X.squeeze(-1) if vector else X
 
 
-def _log_fallbacks(steps: Tensor, d: int) -> None:
+def _log_fallbacks(steps: Tensor, d: int, who: str) -> None:
     """Log each jitter step tried and the systems left to the pseudo-inverse; `steps` holds per
     system the step that factorised it (0: none, k: JITTER_STEPS[k - 1], else pseudo-inverse)."""
     steps = steps.flatten()
@@ -333,8 +335,9 @@ def _log_fallbacks(steps: Tensor, d: int) -> None:
         tried = int((steps >= k).sum())
         if tried:
             log.warning(
-                "ridge_solve: Cholesky failed for %d of %d systems (d=%d); retried with diagonal "
+                "%s: Cholesky failed for %d of %d systems (d=%d); retried with diagonal "
                 "jitter %.0e x mean diagonal",
+                who,
                 tried,
                 total,
                 d,
@@ -343,8 +346,9 @@ def _log_fallbacks(steps: Tensor, d: int) -> None:
     failed = int((steps > len(JITTER_STEPS)).sum())
     if failed:
         log.warning(
-            "ridge_solve: %d of %d systems (d=%d) still fail with jitter; "
+            "%s: %d of %d systems (d=%d) still fail with jitter; "
             "solving them by eigendecomposition pseudo-inverse",
+            who,
             failed,
             total,
             d,

@@ -3,7 +3,7 @@
 Each case calibrates a tiny model of one family through the public API, in memory (float64)
 or streamed from sharded safetensors checkpoints (float32, disk streams), and returns every
 parameter of its blocks plus the report's drift per block. The pinned file was written by
-`python tests/pinned_cases.py` with the featcal of commit 6fccffa (before the driver became
+`python tests/pinned_cases.py --overwrite` with the featcal of commit 6fccffa (before the driver became
 explicit phases), so the test that reads it shows that results did not move since. ViT is
 pinned in memory only: a ViT checkpoint saved by transformers 5 does not stream (its tensor
 names differ from the module's).
@@ -120,9 +120,17 @@ def _maybe_registered(family, run):
 
 
 def main() -> None:
+    """Write the pinned file: run only with the featcal whose results are to be pinned, and with
+    --overwrite, as replacing the pins makes the test that reads them compare a run with itself."""
+    import argparse
     import tempfile
 
     from safetensors.torch import save_file
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--overwrite", action="store_true", help="replace the pinned file")
+    if PINNED.exists() and not parser.parse_args().overwrite:
+        raise SystemExit(f"{PINNED} exists; pass --overwrite to replace it")
 
     tensors = {}
     with tempfile.TemporaryDirectory() as tmp:

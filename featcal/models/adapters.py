@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from .modules import ModuleKind, module_kind
 Batch = Tensor | Mapping[str, Tensor]
 
 
-def first_output(output) -> Tensor:
+def first_output(output: object) -> Tensor:
     """The hidden states returned by a block: a tensor, or the first item of a tuple / ModelOutput."""
     if isinstance(output, Tensor):
         return output
@@ -43,7 +44,7 @@ def call_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     return first_output(block(*args, **kwargs))
 
 
-def first_attribute(obj, *paths: str):
+def first_attribute(obj: object, *paths: str) -> Any:
     """The first of the dotted attribute `paths` that `obj` has (model layouts vary by version)."""
     for path in paths:
         value = obj
@@ -72,6 +73,12 @@ def attention_mask_of(batch: Batch) -> Tensor | None:
 
 def no_token_mask(batch: Batch) -> None:
     return None
+
+
+def input_ids_length(batch: Batch) -> int | None:
+    """Tokens per example of a batch of `input_ids` (batch, tokens); None for other inputs."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return ids.shape[1] if isinstance(ids, Tensor) and ids.dim() == 2 else None
 
 
 def no_focus(block_index: int, num_blocks: int, module_name: str) -> float | None:
@@ -127,6 +134,8 @@ class ModelAdapter:
     backbone: model -> the module that is called with a batch and runs the blocks.
     inputs: batch keys passed to the backbone (None: all of them).
     token_mask: batch -> (batch, tokens) weights, 0 for padding (None: every token weighs 1).
+    sequence_length: batch -> tokens per example, or None when a probe of the model must tell
+        (images); sizes the memory plan before any block runs.
     token_focus: (block index, number of blocks, module name) -> weight of tokens 1.. relative to
         token 0 for that module's statistics, or None for uniform weights.
     run_block: (block, args, kwargs) -> output hidden states of the block.
@@ -144,6 +153,7 @@ class ModelAdapter:
     backbone: Callable[[nn.Module], nn.Module] = hf_backbone
     inputs: tuple[str, ...] | None = None
     token_mask: Callable[[Batch], Tensor | None] = attention_mask_of
+    sequence_length: Callable[[Batch], int | None] = input_ids_length
     token_focus: Callable[[int, int, str], float | None] = no_focus
     run_block: Callable[[nn.Module, tuple, dict], Tensor] = call_block
     call_kwargs: Mapping[str, object] = field(default_factory=dict)
@@ -321,5 +331,5 @@ def find_adapter(model: nn.Module, role: str = "model") -> ModelAdapter:
         "    featcal.register_adapter(featcal.ModelAdapter(name='mine', classes=('MyModel',),\n"
         "        blocks=lambda backbone: backbone.encoder.layers))\n"
         "See featcal/models/adapters.py for the optional fields (backbone, inputs, token_mask, "
-        "token_focus, run_block)."
+        "token_focus, run_block, module_kind, hidden_argument, check_model, encdec, ...)."
     )

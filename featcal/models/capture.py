@@ -9,14 +9,14 @@ the hidden states of the current stream.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..errors import FeatCalError
+from ..errors import FeatCalError, Location
 from ..ops import accumulator_dtype
 from .adapters import Batch, ModelAdapter
 
@@ -31,9 +31,8 @@ class BlockContext:
 
     args: tuple
     kwargs: dict
-    hidden_keyword: str | None = (
-        None  # the keyword the block takes its hidden states by; None: first positional
-    )
+    # The keyword the block takes its hidden states by; None: the first positional argument.
+    hidden_keyword: str | None = None
 
     def arguments(self, hidden: Tensor) -> tuple[tuple, dict]:
         """The block's (args, kwargs) with `hidden`, the captured tensors moved to its device."""
@@ -89,7 +88,7 @@ def stop_forward() -> None:
     raise _StopForward
 
 
-def run_until_stopped(fn, *args, **kwargs) -> None:
+def run_until_stopped(fn: Callable[..., object], *args: object, **kwargs: object) -> None:
     """Call fn, treating an early stop raised by a hook as normal completion."""
     try:
         fn(*args, **kwargs)
@@ -154,15 +153,18 @@ def capture_first_block_inputs(
     return hidden.detach(), BlockContext(rest, kwargs, keyword)
 
 
-def token_weights(adapter: ModelAdapter, batch: Batch, hidden: Tensor, memory: bool = False) -> Tensor | None:
+def token_weights(
+    adapter: ModelAdapter, batch: Batch, hidden: Tensor, memory: bool = False, where: Location | None = None
+) -> Tensor | None:
     """Per-token weights (batch, tokens) of a batch from its padding mask (with `memory`, of the
-    encoder output a decoder reads); None when all weigh 1."""
+    encoder output a decoder reads); None when all weigh 1. `where` names the batch in errors."""
     mask = (adapter.encdec.memory_mask if memory else adapter.token_mask)(batch)
     if mask is None:
         return None
     if not memory and tuple(mask.shape) != tuple(hidden.shape[:2]):
         raise FeatCalError(
-            f"the token mask of shape {tuple(mask.shape)} does not match the hidden states of "
+            f"{'' if where is None else f'{where}: '}the token mask of shape {tuple(mask.shape)} does not "
+            "match the hidden states of "
             f"shape {tuple(hidden.shape)} (batch, tokens, hidden)"
         )
     mask = mask.to(device=hidden.device, dtype=accumulator_dtype(hidden.dtype))

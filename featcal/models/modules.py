@@ -7,13 +7,15 @@
 - rmsnorm-offset: z * (1 + w) (Gemma): solved in the effective scale g = 1 + w, stored as w.
 
 Norms are recognised by structure, not by class name (`norm_kind`): a module with a 1-D
-`weight` and an `eps` or `variance_epsilon` is run once on a probe input with random
-parameters, and its output is compared with each formula. One that matches none is
-UNKNOWN_NORM: it keeps its merged value and the run reports it.
+`weight` parameter and an `eps` or `variance_epsilon` is run once on a probe input with random
+parameters, and its output is compared with each formula. One that matches none (or whose
+forward fails on the probe) is UNKNOWN_NORM: it keeps its merged value and the run reports it.
+Torch's BatchNorm and GroupNorm are UNKNOWN_NORM without a probe.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,48 +48,60 @@ def module_kind(module: nn.Module) -> str | None:
     return norm_kind(module)
 
 
-_PROBED: dict[type, str | None] = {}
+_PROBED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# Torch norms FeatCal does not calibrate: reported without a probe (which would touch running stats).
+_OTHER_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """The norm formula a module computes, found on a probe input (cached per class); None for a
-    module without a 1-D weight and an eps, UNKNOWN_NORM for one that matches no formula."""
-    weight = getattr(module, "weight", None)
-    eps_attr = next((a for a in ("eps", "variance_epsilon") if hasattr(module, a)), None)
-    if not isinstance(weight, Tensor) or weight.dim() != 1 or eps_attr is None:
+    """The norm formula a module computes, found on a probe input (once per module); None for a
+    module without a 1-D weight parameter and an eps, UNKNOWN_NORM for one that matches none."""
+    weight = module._parameters.get("weight")
+    has_eps = any(hasattr(module, a) for a in ("eps", "variance_epsilon"))
+    if weight is None or weight.dim() != 1 or not has_eps:
         return None
-    if type(module) not in _PROBED:
-        _PROBED[type(module)] = _probe(module)
-    return _PROBED[type(module)]
+    if isinstance(module, _OTHER_TORCH_NORMS):
+        return UNKNOWN_NORM
+    if module not in _PROBED:
+        _PROBED[module] = _probe(module)
+    return _PROBED[module]
 
 
 def _probe(module: nn.Module) -> str:
+    """Run the module's forward (no hooks, eval mode) with random parameters on a random input
+    and compare with each formula; the module is left as it was."""
     d = module.weight.shape[0]
+    device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, d, generator=gen) * 3 + 1
-    own = dict(module.named_parameters(recurse=False))
-    probe = {name: torch.rand(p.shape, generator=gen) + 0.5 for name, p in own.items()}
-    eps = _eps(module)
-    try:
-        for name, value in probe.items():
-            module._parameters[name] = nn.Parameter(value, requires_grad=False)
-        with torch.no_grad():
-            got = module(x)
-    except Exception:
-        return UNKNOWN_NORM
-    finally:
-        for name, p in own.items():
-            module._parameters[name] = p
-    if not isinstance(got, Tensor) or got.shape != x.shape:
-        return UNKNOWN_NORM
-    w, b = probe["weight"], probe.get("bias")
+    x = (torch.randn(2, 3, d, generator=gen) * 3 + 1).to(device)
+    own = dict(module._parameters)
+    probe = {
+        n: (torch.rand(p.shape, generator=gen) + 0.5).to(device) for n, p in own.items() if p is not None
+    }
+    w, b, eps = probe["weight"], probe.get("bias"), _eps(module)
     z = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     candidates = {LAYERNORM: F.layer_norm(x, (d,), w, b, eps)}
     if b is None:
         candidates.update({RMSNORM: z * w, OFFSET_RMSNORM: z * (1 + w)})
-    for kind, want in candidates.items():
-        if torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5):
-            return kind
+    training = module.training
+    try:
+        module.training = False
+        for name, value in probe.items():
+            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        with torch.no_grad():
+            got = module.forward(x)
+        for kind, want in candidates.items():
+            if (
+                isinstance(got, Tensor)
+                and got.shape == x.shape
+                and torch.allclose(got.to(want), want, 1e-4, 1e-5)
+            ):
+                return kind
+    except Exception:  # a forward that fails on a plain (batch, tokens, d) input is no known norm
+        pass
+    finally:
+        module._parameters.update(own)
+        module.training = training
     return UNKNOWN_NORM
 
 

@@ -4,8 +4,8 @@
         capture the block-0 inputs of every task (student and expert streams)
         for each block:
             discover the module groups
-            for each task:  accumulate -> reduce -> fold       (one task's sums alive at a time)
-            measure the merged model's drift
+            for each task:  accumulate -> reduce -> fold       (one task's sums alive at a time),
+                            then measure the merged model's drift
             solve and write the block
             for each task:  propagate, measure the calibrated drift
             write the block to the output checkpoint
@@ -262,17 +262,22 @@ def _calibrate_block(
 
 
 def _warn_unknown_norms(student: ModelSource) -> None:
-    """Report modules that look like norms but compute no known formula: they stay merged."""
-    found: dict[str, str] = {}
+    """Report modules that look like norms but compute no known formula: they stay merged.
+    One warning per module name and stage, naming the blocks that have it."""
+    found: dict[tuple[int, str, str], list[int]] = {}
     for stage, blocks in enumerate(student.blocks):
-        for block in blocks:
-            found.update(unknown_norms(block, student.stages[stage].module_kind))
-    for name, cls in found.items():
+        for index, block in enumerate(blocks):
+            for name, cls in unknown_norms(block, student.stages[stage].module_kind).items():
+                found.setdefault((stage, name, cls), []).append(index)
+    for (stage, name, cls), indices in found.items():
+        where = student.where(stage, indices[0]).at(module=name)
+        others = f" (and in blocks {indices[1:]})" if len(indices) > 1 else ""
         log.warning(
-            "module %r (%s) has a 1-D weight and an eps like a norm, but computes none of LayerNorm, "
-            "RMSNorm or (1 + w) RMSNorm on a probe input; it keeps its merged values (give the "
-            "adapter a module_kind to calibrate it)",
-            name,
+            "%s%s: a %s has a 1-D weight and an eps like a norm, but computes none of LayerNorm, "
+            "RMSNorm or (1 + w) RMSNorm on a probe input (or fails on one); it keeps its merged "
+            "values (give the adapter a module_kind to calibrate it)",
+            where,
+            others,
             cls,
         )
 
@@ -286,9 +291,8 @@ def _plan(student: ModelSource, batches: dict[str, list], cfg: FeatCalConfig, de
     sizes = []
     for task_batches in batches.values():
         for batch in task_batches:
-            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-            n = examples(batch)
-            sizes.append((n, ids.shape[1] if ids is not None and ids.dim() == 2 else tokens, width))
+            length = student.adapter.sequence_length(batch)
+            sizes.append((examples(batch), tokens if length is None else length, width))
     context = int(ctx.nbytes() / count * sum(n for n, _, _ in sizes)) * 2
     plan = estimate(
         [b for stage in student.blocks for b in stage],

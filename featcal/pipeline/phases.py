@@ -172,7 +172,7 @@ def solve(
     base = None if base_block is None else run.modules(base_block)
     selected = plan if groups is None else plan.only(groups)
     anchors = anchors_of(selected, merged, base, run.config.anchor_blend_rho, run.dtype, run.device)
-    updates = system.solve(anchors, run.config, groups)
+    updates = system.solve(anchors, run.config, groups, run.where)
     for module, which, value in updates:
         (merged[module].set_weight if which == "weight" else merged[module].set_bias)(value)
     return updates

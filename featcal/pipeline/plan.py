@@ -56,6 +56,8 @@ class BlockPlan:
     def only(self, indices: Sequence[int]) -> BlockPlan:
         """The plan of some of the groups, in their order; the forward stops after the last of them."""
         groups = [self.groups[i] for i in indices]
+        if not groups:
+            raise FeatCalError("BlockPlan.only: no groups chosen")
         names = {n for g in groups for n in g.names}
         order = [n for n in (self.order or [n for g in self.groups for n in g.names]) if n in names]
         return BlockPlan(groups, order[-1], [], order)
@@ -71,6 +73,10 @@ def discover_plan(
 ) -> BlockPlan:
     """Group the modules called in `order` (one forward) by identical input tensor, kind, focus and
     token set (`memory(name)`: the module reads the encoder output, weighted by its mask)."""
+    if not order:
+        raise FeatCalError(
+            f"{where}: the block's forward calls none of its calibrated modules {list(modules)}"
+        )
     repeated = sorted({name for name in order if order.count(name) > 1})
     if repeated:
         raise FeatCalError(

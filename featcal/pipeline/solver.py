@@ -70,7 +70,7 @@ class BlockSystem(TensorState):
     """Sums over tasks of the statistics of one block, one system per group of the plan."""
 
     groups: list[LinearSystem | NormSystem] = field(default_factory=list)
-    tasks: int = 0
+    tasks: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # folded
 
     @classmethod
     def zeros(cls, plan: BlockPlan, dtype: torch.dtype, device: torch.device) -> BlockSystem:
@@ -87,11 +87,7 @@ class BlockSystem(TensorState):
             else:
                 r1, r2 = [zeros(d) for _ in members], [zeros(d) for _ in members]
                 groups.append(NormSystem(group, zeros(d), zeros(d), r1, r2))
-        return cls(groups)
-
-    def add_(self, other: BlockSystem) -> None:
-        super().add_(other)
-        self.tasks += other.tasks
+        return cls(groups, torch.zeros((), dtype=torch.int64, device=device))
 
     def fold(
         self,
@@ -100,7 +96,8 @@ class BlockSystem(TensorState):
         eps: float,
         where: Location | None = None,
     ) -> None:
-        """Fold one task's statistics, with that task's expert parameters."""
+        """Fold one task's statistics, with that task's expert parameters (`where`: the task and
+        block, for messages)."""
         self.tasks += 1
         for system, mom in zip(self.groups, moments):
             first = system.tensors()[0]
@@ -119,7 +116,7 @@ class BlockSystem(TensorState):
                 continue
             norm = ops.assemble(system.A, mom.gram, eps)
             if norm == 0:
-                prefix = f"{where}: " if where else ""
+                prefix = "" if where is None else f"{where}: "
                 raise FeatCalError(
                     f"{prefix}the inputs of module(s) {mom.group.names} are all zero for a task; "
                     "set covariance_eps > 0 to solve this block"
@@ -134,23 +131,30 @@ class BlockSystem(TensorState):
                 system.R[k].add_(teacher, alpha=scale)
 
     def solve(
-        self, anchors: dict[str, Anchor], config: FeatCalConfig, groups: Sequence[int] | None = None
+        self,
+        anchors: dict[str, Anchor],
+        config: FeatCalConfig,
+        groups: Sequence[int] | None = None,
+        where: Location | None = None,
     ) -> list[Update]:
         """The new parameters of the given groups (default: all), from their folded sums.
 
         anchors[name]: the module's anchors (see `anchors_of`). Which members have a bias, and
         their d_out, are read from the plan's module references. Solves each group once: its sums
-        become the right-hand sides, in place.
+        become the right-hand sides, in place. `where` (the block) prefixes the solver's messages.
         """
         lam, eps = config.ridge, config.covariance_eps
         updates: list[Update] = []
+        tasks = int(self.tasks)
         for i in range(len(self.groups)) if groups is None else groups:
             system = self.groups[i]
             group_anchors = [anchors[name] for name in system.group.names]
             if isinstance(system, LinearSystem):
-                updates += _solve_linear(system, group_anchors, lam, eps, config.calibrate_bias)
+                names = system.group.names
+                at = f"module(s) {names}" if where is None else f"{where}, module(s) {names}"
+                updates += _solve_linear(system, group_anchors, lam, eps, config.calibrate_bias, at)
             elif config.calibrate_layernorm:
-                updates += _solve_norm(system, group_anchors, lam, eps, self.tasks)
+                updates += _solve_norm(system, group_anchors, lam, eps, tasks)
         return updates
 
 
@@ -179,9 +183,9 @@ def anchors_of(
     return out
 
 
-def _solve_linear(system: LinearSystem, anchors, lam, eps, calibrate_bias: bool) -> list[Update]:
+def _solve_linear(system: LinearSystem, anchors, lam, eps, calibrate_bias: bool, where: str) -> list[Update]:
     rhs = [B if a is None else B.add_(a.mT, alpha=lam) for B, (a, _) in zip(system.B, anchors)]
-    X = ops.ridge_solve(system.A, rhs, lam + (eps if eps > 0 else 0.0))
+    X = ops.ridge_solve(system.A, rhs, lam + (eps if eps > 0 else 0.0), where=where)
     updates, start = [], 0
     for k, ref in enumerate(system.group.members):
         W = X[:, start : start + ref.d_out].mT

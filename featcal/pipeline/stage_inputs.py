@@ -37,6 +37,7 @@ def capture_stage(
     """Fresh task states holding the stage's block-0 inputs (the previous stage's, in `run`, are
     read and left to the caller to replace)."""
     adapter = student.stages[stage]
+    stage_name = student.where(stage, 0).stage
     states = run.begin_stage(list(experts))
     inputs, heads = {}, {}
     for t in experts:
@@ -53,10 +54,12 @@ def capture_stage(
             state = states[t]
             if isinstance(inputs[t][0], Mapping):
                 _warn_dropped(adapter, t, inputs[t][0])
-            for batch in inputs[t]:
+            for i, batch in enumerate(inputs[t]):
+                where = Location(task=t, stage=stage_name, batch=i)
                 hidden, ctx = capture_first_block_inputs(adapter, model, batch, device)
-                weights = token_weights(adapter, batch, hidden)
-                state.add_batch(hidden, ctx, weights, token_weights(adapter, batch, hidden, memory=True))
+                weights = token_weights(adapter, batch, hidden, where=where)
+                memory_weights = token_weights(adapter, batch, hidden, memory=True, where=where)
+                state.add_batch(hidden, ctx, weights, memory_weights)
             if cfg.drift_examples != 0:
                 state.set_drift(*capture_first_block_inputs(adapter, model, heads[t], device))
     for t, source in experts.items():
@@ -70,7 +73,8 @@ def capture_stage(
                 shape = state.student.shapes()[i]
                 if tuple(hidden.shape) != tuple(shape):
                     raise FeatCalError(
-                        f"{Location(task=t, batch=i)}: the expert's first block receives hidden states "
+                        f"{Location(task=t, stage=stage_name, batch=i)}: the expert's first block receives "
+                        "hidden states "
                         f"of shape {tuple(hidden.shape)} but the merged model's of shape {tuple(shape)}"
                     )
                 state.add_expert_batch(hidden, ctx)

@@ -41,8 +41,23 @@ class TensorState:
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.named_tensors())
 
+    def description(self) -> list:
+        """The plain fields (bools, numbers, strings) of this state and the states it holds: what
+        must agree, besides the tensors' names, shapes and dtypes, for two states to add."""
+        found = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (bool, int, float, str)):
+                found.append((f.name, value))
+            elif isinstance(value, list):
+                found += [
+                    (f.name, k, v.description()) for k, v in enumerate(value) if isinstance(v, TensorState)
+                ]
+        return found
+
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Copy `state` (as `state_dict` gives it) into these tensors; names and shapes must match."""
+        """Copy `state` (as `state_dict` gives it) into these tensors, bit for bit; names, shapes
+        and dtypes must match."""
         mine = self.state_dict()
         if set(state) != set(mine):
             missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
@@ -50,22 +65,24 @@ class TensorState:
                 f"{type(self).__name__}: state has tensors missing {missing} and unexpected {extra}"
             )
         for name, tensor in mine.items():
-            if tuple(state[name].shape) != tuple(tensor.shape):
-                raise FeatCalError(
-                    f"{type(self).__name__}: tensor {name!r} has shape {tuple(state[name].shape)} "
-                    f"in the state but {tuple(tensor.shape)} here"
-                )
+            _check_like(self, name, state[name], tensor, "in the state")
+        for name, tensor in mine.items():
             tensor.copy_(state[name])
 
     def add_(self, other: TensorState) -> None:
         """Add another state of the same layout into this one, tensor by tensor."""
         mine, theirs = list(self.named_tensors()), list(other.named_tensors())
-        if [n for n, _ in mine] != [n for n, _ in theirs]:
+        if [n for n, _ in mine] != [n for n, _ in theirs] or self.description() != other.description():
             raise FeatCalError(f"{type(self).__name__}: cannot add states of different layouts")
         for (name, a), (_, b) in zip(mine, theirs):
-            if a.shape != b.shape:
-                raise FeatCalError(
-                    f"{type(self).__name__}: tensor {name!r} has shape {tuple(b.shape)}, expected "
-                    f"{tuple(a.shape)}"
-                )
+            _check_like(self, name, b, a, "in the other state")
+        for (_, a), (_, b) in zip(mine, theirs):
             a.add_(b)
+
+
+def _check_like(state: TensorState, name: str, given: Tensor, mine: Tensor, where: str) -> None:
+    if given.shape != mine.shape or given.dtype != mine.dtype:
+        raise FeatCalError(
+            f"{type(state).__name__}: tensor {name!r} is {given.dtype} {tuple(given.shape)} {where} "
+            f"but {mine.dtype} {tuple(mine.shape)} here"
+        )
