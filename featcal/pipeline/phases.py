@@ -62,6 +62,7 @@ class BlockRun:
         return self.index == 0 and self.num_blocks > 1 and self.adapter.encdec.later_arguments is not None
 
     def modules(self, block: nn.Module) -> dict[str, ModuleRef]:
+        """The block's calibrated modules by name, as the adapter's module kinds find them."""
         return calibrated_modules(block, self.adapter.module_kind)
 
 
