@@ -162,9 +162,9 @@ def token_weights(
     if mask is None:
         return None
     if not memory and tuple(mask.shape) != tuple(hidden.shape[:2]):
+        prefix = "" if where is None else f"{where}: "
         raise FeatCalError(
-            f"{'' if where is None else f'{where}: '}the token mask of shape {tuple(mask.shape)} does not "
-            "match the hidden states of "
+            f"{prefix}the token mask of shape {tuple(mask.shape)} does not match the hidden states of "
             f"shape {tuple(hidden.shape)} (batch, tokens, hidden)"
         )
     mask = mask.to(device=hidden.device, dtype=accumulator_dtype(hidden.dtype))

@@ -62,9 +62,13 @@ class ModelSource:
         if lazy is not None:
             lazy.check(block for stage in self.blocks for block in stage)
 
+    def stage_name(self, stage: int) -> str | None:
+        """The stage's name in messages and reports (its adapter's), when there are several."""
+        return self.stages[stage].name if len(self.stages) > 1 else None
+
     def where(self, stage: int, index: int) -> Location:
-        """Block `index` of a stage, for messages (the stage is named when there are several)."""
-        return Location(stage=self.stages[stage].name if len(self.stages) > 1 else None, block=index)
+        """Block `index` of a stage, for messages."""
+        return Location(stage=self.stage_name(stage), block=index)
 
     @property
     def dtype(self) -> torch.dtype:

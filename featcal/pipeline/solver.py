@@ -100,8 +100,8 @@ class BlockSystem(TensorState):
         block, for messages)."""
         self.tasks += 1
         for system, mom in zip(self.groups, moments):
-            first = system.tensors()[0]
-            dtype, device = first.dtype, first.device
+            like = system.A if isinstance(system, LinearSystem) else system.energy
+            dtype, device = like.dtype, like.device
             members = mom.group.members
             if isinstance(system, NormSystem):
                 system.energy += mom.energy

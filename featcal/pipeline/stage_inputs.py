@@ -37,11 +37,12 @@ def capture_stage(
     """Fresh task states holding the stage's block-0 inputs (the previous stage's, in `run`, are
     read and left to the caller to replace)."""
     adapter = student.stages[stage]
-    stage_name = student.where(stage, 0).stage
+    stage_name = student.stage_name(stage)
+    previous = run.tasks if stage > 0 else {}
     states = run.begin_stage(list(experts))
     inputs, heads = {}, {}
     for t in experts:
-        prev = run.tasks.get(t) if stage > 0 else None
+        prev = previous.get(t)
         if prev is None:
             inputs[t], heads[t] = batches[t], head(batches[t][0], cfg.drift_examples)
         else:
@@ -63,7 +64,7 @@ def capture_stage(
             if cfg.drift_examples != 0:
                 state.set_drift(*capture_first_block_inputs(adapter, model, heads[t], device))
     for t, source in experts.items():
-        state, prev = states[t], run.tasks.get(t) if stage > 0 else None
+        state, prev = states[t], previous.get(t)
         expert_inputs = batches[t]
         if prev is not None:
             expert_inputs = _stage_batches(source, stage, batches[t], prev.expert, device)

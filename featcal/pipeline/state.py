@@ -40,8 +40,8 @@ class BlockInputs:
 class TaskState:
     """One task's streams at the current block boundary (see the module docstring)."""
 
-    def __init__(self, task: str, run: RunState) -> None:
-        self.task, self._run = task, run
+    def __init__(self, run: RunState) -> None:
+        self._run = run
         self.home = run.home  # where captured block arguments are kept
         self.student, self.expert = run.new_stream("student"), run.new_stream("expert")
         self.student_ctx: list[BlockContext] = []
@@ -127,7 +127,7 @@ class RunState:
     def begin_stage(self, tasks: Sequence[str]) -> dict[str, TaskState]:
         """Fresh, empty task states for a stage's capture; the previous stage's stay readable
         until `end_stage`."""
-        return {t: TaskState(t, self) for t in tasks}
+        return {t: TaskState(self) for t in tasks}
 
     def end_stage(self, tasks: dict[str, TaskState]) -> None:
         """The new stage's states replace the previous stage's, which are freed."""
