@@ -9,6 +9,7 @@ from .pipeline.memory_plan import parse_bytes
 
 CROSS_METHODS = ("auto", "cross", "project")
 STREAM_PLACEMENTS = ("auto", "device", "cpu", "disk")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -38,6 +39,11 @@ class FeatCalConfig:
         whose plan does not fit is refused before any work. None: no limit.
     offload_dir: directory for disk streams (default: a temporary directory, removed after).
     progress: show progress bars and the memory plan.
+    distributed: "auto" spreads the run over the processes of the default torch.distributed
+        group when one is initialised with more than one process (every process calls
+        `calibrate` with the same arguments); "on" requires such a group; "off" runs alone.
+    distributed_timeout: seconds a process waits for the others at a collective before the run
+        stops with an error naming the phase that was waiting.
     """
 
     lambda_ratio: float = 0.05
@@ -54,6 +60,8 @@ class FeatCalConfig:
     max_cpu_memory: int | str | None = None
     offload_dir: str | None = None
     progress: bool = True
+    distributed: str = "auto"
+    distributed_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.cross_method not in CROSS_METHODS:
@@ -64,6 +72,12 @@ class FeatCalConfig:
             raise FeatCalError(
                 f"stream_placement={self.stream_placement!r} is not one of {', '.join(STREAM_PLACEMENTS)}"
             )
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise FeatCalError(
+                f"distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}"
+            )
+        if not self.distributed_timeout > 0:
+            raise FeatCalError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         parse_bytes(self.max_gpu_memory)
         parse_bytes(self.max_cpu_memory)
         if self.drift_examples is not None and self.drift_examples < 0:

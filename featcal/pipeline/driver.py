@@ -21,6 +21,8 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +39,8 @@ from ..models.capture import capture_first_block_inputs
 from ..models.modules import unknown_norms
 from ..models.sources import ModelLike, ModelSource, device_of, open_source
 from .checks import check_architecture, check_batches, check_tasks
+from .distributed import Collectives, DistributedError, open_collectives, process_device
+from .fingerprint import first_difference, run_fingerprint
 from .memory_plan import MemoryPlan, choose_placement, estimate, parse_bytes
 from .phases import (
     BlockRun,
@@ -51,10 +55,12 @@ from .phases import (
     reduce,
     solve,
 )
-from .report import BlockReport, CalibrationReport, peak_cpu_rss_bytes
+from .plan import BlockPlan
+from .report import BlockReport, CalibrationReport, DistributedReport, peak_cpu_rss_bytes
 from .solver import BlockSystem
 from .stage_inputs import capture_stage, examples
 from .state import RunState
+from .work import WorkPlan, solve_owners, split_work
 
 log = logging.getLogger("featcal")
 
@@ -91,50 +97,98 @@ def calibrate(
     run (default: the merged module's device; the CPU for a checkpoint). out: output checkpoint
     directory (needed for a merged checkpoint; for a module, it is also saved there), written
     under a temporary name and renamed when complete; `overwrite` replaces an existing one.
+
+    Inside an initialised torch.distributed process group (config.distributed), every process
+    calls this with the same arguments: the work is spread over them, process 0 alone writes
+    `out`, and every process returns the same calibrated model. device "cuda" then means each
+    process's LOCAL_RANK GPU.
     """
     cfg = config or FeatCalConfig()
-    tasks = check_tasks(experts, data)
-    streamed = not isinstance(merged, nn.Module)
-    if streamed and out is None:
-        raise FeatCalError(
-            "the merged model is a checkpoint path: give out= (--out), the directory that receives "
-            "the calibrated blocks as they are done"
-        )
-    if out is not None:
-        check_output(out, overwrite)
-    student = open_source(merged, "merged model")
-    if streamed and student.lazy is None:
-        raise FeatCalError(f"the merged model {merged} must be a local directory of safetensors files")
-    base_src = open_source(base, "base model", student.dtype)
-    expert_srcs = {t: open_source(experts[t], f"expert {t!r}", student.dtype) for t in tasks}
-    for source in (base_src, *expert_srcs.values()):
-        check_architecture(student, source)
-    if device is not None:
-        device = torch.device(device)
-    else:
-        device = torch.device("cpu") if streamed else device_of(student.model)
-    if out is None:
-        return Calibrated(merged, _run(student, base_src, expert_srcs, data, cfg, device, None))
-    with atomic_directory(out, overwrite) as tmp:
-        if streamed:
-            output = OutputCheckpoint(student.lazy, student.blocks, tmp)
-            report = _run(student, base_src, expert_srcs, data, cfg, device, output)
-            output.finish()
+    comm = open_collectives(cfg.distributed, cfg.distributed_timeout)
+    try:
+        return _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm)
+    finally:
+        comm.close()
+
+
+def _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm: Collectives) -> Calibrated:
+    if comm.rank != 0:
+        cfg = replace(cfg, progress=False)
+    writes = out is not None and comm.rank == 0
+    with comm.step("checking the inputs"):
+        tasks = check_tasks(experts, data)
+        streamed = not isinstance(merged, nn.Module)
+        if streamed and out is None:
+            raise FeatCalError(
+                "the merged model is a checkpoint path: give out= (--out), the directory that "
+                "receives the calibrated blocks as they are done"
+            )
+        if writes:
+            check_output(out, overwrite)
+        student = open_source(merged, "merged model")
+        if streamed and student.lazy is None:
+            raise FeatCalError(f"the merged model {merged} must be a local directory of safetensors files")
+        base_src = open_source(base, "base model", student.dtype)
+        check_architecture(student, base_src)
+        batches = {t: check_batches(t, data[t]) for t in tasks}
+        if device is not None:
+            device = torch.device(device)
         else:
-            report = _run(student, base_src, expert_srcs, data, cfg, device, None)
-            save_model(merged, tmp)
-        report.write_json(tmp / "featcal_report.json")
+            device = torch.device("cpu") if streamed else device_of(student.model)
+        device = process_device(device, comm)
+        fingerprint = run_fingerprint(cfg, batches, student, base_src) if comm.world > 1 else None
+    _check_agreement(comm.check("comparing the inputs of the processes", fingerprint), comm)
+
+    with comm.step("probing the batch sizes"):
+        sizes, context = _batch_sizes(student, batches, device)
+        work = split_work({t: [n * k for n, k, _ in sizes[t]] for t in tasks}, comm.world)
+        comm.set_work(work)
+        mine = work.batches[comm.rank]
+        expert_srcs = {t: open_source(experts[t], f"expert {t!r}", student.dtype) for t in mine}
+        for source in expert_srcs.values():
+            check_architecture(student, source)
+    local = {t: [batches[t][i] for i in mine[t]] for t in mine}
+    measures = {t for t in mine if mine[t][0] == 0}
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_directory(out, overwrite)) if writes else None
+        output = OutputCheckpoint(student.lazy, student.blocks, tmp) if streamed and writes else None
+        report = _run(
+            student, base_src, expert_srcs, local, measures, work, sizes, context, cfg, device, output, comm
+        )
+        with comm.step("writing the output"):
+            if output is not None:
+                output.finish()
+            if writes and not streamed:
+                save_model(merged, tmp)
+            if writes:
+                report.write_json(tmp / "featcal_report.json")
     return Calibrated(Path(out) if streamed else merged, report)
+
+
+def _check_agreement(fingerprints: list, comm: Collectives) -> None:
+    """Every process must have been given the same inputs as process 0."""
+    for rank, theirs in enumerate(fingerprints[1:], start=1):
+        part = first_difference(fingerprints[0], theirs)
+        if part is not None:
+            raise DistributedError(
+                f"rank {rank} of {comm.world} was given other {part} than rank 0: every process of a "
+                "run must be given the same data, settings and models"
+            )
 
 
 def _run(
     student: ModelSource,
     base: ModelSource,
     experts: dict[str, ModelSource],
-    data: Mapping[str, Iterable],
+    batches: dict[str, list],
+    measures: set[str],
+    work: WorkPlan,
+    sizes: dict[str, list[tuple[int, int, int]]],
+    context: int,
     cfg: FeatCalConfig,
     device: torch.device,
     output: OutputCheckpoint | None,
+    comm: Collectives,
 ) -> CalibrationReport:
     started = time.perf_counter()
     if device.type == "cuda":
@@ -142,35 +196,43 @@ def _run(
     in_memory = [s.model for s in (student, base, *experts.values()) if s.lazy is None]
     training = {id(m): m.training for m in in_memory}
     collector = _WarningCollector()
-    logging.getLogger("featcal").addHandler(collector)
+    logger = logging.getLogger("featcal")
+    logger.addHandler(collector)
+    quiet = comm.rank != 0 and logger.propagate  # other processes' warnings go to rank 0's report
+    if quiet:
+        logger.propagate = False
     state: RunState | None = None
     try:
-        for m in in_memory:
-            m.eval()
-        if student.lazy is None:
-            student.model.to(device)
-        _warn_unknown_norms(student)
-        batches = {t: check_batches(t, data[t]) for t in experts}
-        plan = _plan(student, batches, cfg, device)
+        with comm.step("planning memory"):
+            for m in in_memory:
+                m.eval()
+            if student.lazy is None:
+                student.model.to(device)
+            if comm.rank == 0:
+                _warn_unknown_norms(student)
+            local_sizes = {t: [sizes[t][i] for i in work.batches[comm.rank][t]] for t in batches}
+            plan = _plan(student, local_sizes, context, cfg, device)
+            state = RunState(plan.placement, device, cfg.offload_dir)
+        plans = comm.check("planning memory", plan.to_dict())
         if cfg.progress:
-            print(plan.describe(), file=sys.stderr)
-        state = RunState(plan.placement, device, cfg.offload_dir)
+            print(_describe_plans(plans), file=sys.stderr)
         blocks: list[BlockReport] = []
         bar = tqdm(
             total=sum(len(b) for b in student.blocks), desc="featcal: blocks", disable=not cfg.progress
         )
         for stage in range(len(student.stages)):
-            state.end_stage(capture_stage(stage, student, experts, batches, state, cfg, device))
+            with comm.step(f"capturing the {student.stage_name(stage) or 'first'} block inputs"):
+                captured = capture_stage(stage, student, experts, batches, state, cfg, device, measures)
+                state.end_stage(captured)
+            tokens = _sum_counts(comm.check("counting tokens", {t: s.tokens for t, s in state.tasks.items()}))
             if stage == 0:
-                tasks_info = {
-                    t: {"batches": len(s.student), "tokens": s.tokens} for t, s in state.tasks.items()
-                }
+                tasks_info = {t: {"batches": len(work.tokens[t]), "tokens": tokens[t]} for t in work.tokens}
             for index in range(len(student.blocks[stage])):
                 block_started = time.perf_counter()
                 with student.block(stage, index, device) as block:
-                    report = _calibrate_block(stage, index, block, student, base, experts, state, cfg, device)
-                    if output is not None:
-                        output.write(stage, index, block)
+                    report = _calibrate_block(
+                        stage, index, block, student, base, experts, state, tokens, cfg, device, output, comm
+                    )
                 del block  # a block read from disk is freed before the next one is read
                 report.index, report.seconds = len(blocks), time.perf_counter() - block_started
                 blocks.append(report)
@@ -179,12 +241,25 @@ def _run(
                     bar.set_postfix(drift=f"{report.drift_merged:.3f}->{report.drift_calibrated:.3f}")
         bar.close()
     finally:
-        logging.getLogger("featcal").removeHandler(collector)
+        logger.removeHandler(collector)
+        if quiet:
+            logger.propagate = True
         if state is not None:
             state.close()
         for m in in_memory:
             m.train(training[id(m)])
 
+    ranks = comm.check("reporting", (collector.messages, comm.seconds))
+    distributed = None
+    if comm.world > 1:
+        distributed = DistributedReport(
+            world_size=comm.world,
+            backend=comm.backend,
+            ranks=[
+                {**work.summary(r), "communication_seconds": seconds, "memory_plan": plans[r]}
+                for r, (_, seconds) in enumerate(ranks)
+            ],
+        )
     return CalibrationReport(
         blocks=blocks,
         tasks=tasks_info,
@@ -195,7 +270,8 @@ def _run(
         config=cfg.to_dict(),
         backend=ops.backend_info(),
         memory_plan=plan.to_dict(),
-        warnings=collector.messages,
+        warnings=_merge_warnings([messages for messages, _ in ranks]),
+        distributed=distributed,
     )
 
 
@@ -207,8 +283,11 @@ def _calibrate_block(
     base: ModelSource,
     experts: dict[str, ModelSource],
     state: RunState,
+    tokens: dict[str, int],
     cfg: FeatCalConfig,
     device: torch.device,
+    output: OutputCheckpoint | None,
+    comm: Collectives,
 ) -> BlockReport:
     """The phases of one block, in order (see the module docstring)."""
     run = BlockRun(
@@ -220,45 +299,116 @@ def _calibrate_block(
         dtype=ops.accumulator_dtype(next(block.parameters()).dtype),
         device=device,
     )
-    tasks = state.tasks
-    measure = next(iter(tasks.values())).drift is not None
+    work = comm.work
+    assert work is not None
     report = BlockReport(index=index, seconds=0.0, stage=run.where.stage)
+    merged_drift: dict[str, float] = {}
     plan = system = None
-    for task, s in tasks.items():
+    if not state.tasks:  # this process has no work: it still takes part in the plan and the solve
+        plan, _ = _shared_plan(run, block, None, None, comm)
+        system = BlockSystem.zeros(plan, run.dtype, device)
+    for task, s in state.tasks.items():
         with experts[task].block(stage, index, device) as expert_block:
             first = None
             if plan is None:
-                plan, first = discover(run, block, expert_block, s.inputs())
-                if plan.skipped:
-                    log.warning(
-                        "%s: modules %s are never called and keep their merged values",
-                        run.where,
-                        plan.skipped,
-                    )
+                plan, first = _shared_plan(run, block, expert_block, s.inputs(), comm)
                 system = BlockSystem.zeros(plan, run.dtype, device)
-            sums = new_sums(run, plan, s.tokens)
+            sums = new_sums(run, plan, tokens[task])
             outputs = s.new_stream("expert")
-            accumulate(run, plan, block, expert_block, s.inputs(), sums, outputs, task=task, first=first)
-            fold(run, system, reduce(sums), expert_block, task)
-            s.advance_expert(outputs, later_contexts(run, expert_block, s.expert, s.expert_ctx, s.home))
-        del sums, expert_block, first
-        if measure:
-            report.drift_merged_per_task[task] = measure_merged(run, block, s)
+            with comm.guard():
+                if comm.ok:
+                    accumulate(
+                        run, plan, block, expert_block, s.inputs(), sums, outputs, task=task, first=first
+                    )
+            reduced = reduce(
+                sums, comm.task_all_reduce(task, f"reducing the sums of task {task!r}, {run.where}")
+            )
+            with comm.guard():
+                if comm.ok and work.leader(task) == comm.rank:
+                    fold(run, system, reduced, expert_block, task)
+                if comm.ok:
+                    s.advance_expert(
+                        outputs, later_contexts(run, expert_block, s.expert, s.expert_ctx, s.home)
+                    )
+        del sums, reduced, expert_block, first
+        with comm.guard():
+            if comm.ok and s.drift is not None:
+                merged_drift[task] = measure_merged(run, block, s)
+    comm.check(f"accumulating {run.where}")
 
-    with base.block(stage, index, device) as base_block:
-        solve(run, system, plan, block, base_block)
-    del system, base_block
+    owners = solve_owners(plan, comm.world)
+    _solve_shared(run, stage, system, plan, block, base, owners, comm)
+    del system
 
     last = index == run.num_blocks - 1 and stage == len(student.stages) - 1
-    for task, s in tasks.items():
-        if not last:
-            propagate(run, block, s)
-        if measure:
-            report.drift_calibrated_per_task[task] = measure_calibrated(run, block, s, propagated=not last)
-    if measure:
+    calibrated_drift: dict[str, float] = {}
+    with comm.guard():
+        for task, s in state.tasks.items():
+            if not last:
+                propagate(run, block, s)
+            if s.drift is not None:
+                calibrated_drift[task] = measure_calibrated(run, block, s, propagated=not last)
+        if output is not None:
+            output.write(stage, index, block)
+    drifts = comm.check(f"propagating {run.where}", (merged_drift, calibrated_drift))
+    if cfg.drift_examples != 0:
+        for task in work.tokens:
+            report.drift_merged_per_task[task] = next(m[task] for m, _ in drifts if task in m)
+            report.drift_calibrated_per_task[task] = next(c[task] for _, c in drifts if task in c)
         report.drift_merged = _mean(report.drift_merged_per_task.values())
         report.drift_calibrated = _mean(report.drift_calibrated_per_task.values())
     return report
+
+
+def _shared_plan(run: BlockRun, block: nn.Module, expert_block, inputs, comm: Collectives):
+    """The block's plan, discovered by process 0 on its first task and rebuilt by the others over
+    their own block; (plan, the first batch's expert run, or None where it was not made here)."""
+    plan = first = None
+    with comm.step(f"discovering the groups of {run.where}"):
+        if comm.rank == 0:
+            plan, first = discover(run, block, expert_block, inputs)
+            if plan.skipped:
+                log.warning(
+                    "%s: modules %s are never called and keep their merged values", run.where, plan.skipped
+                )
+    layout = comm.broadcast_object(
+        None if comm.world == 1 else plan.layout(), f"sharing the plan of {run.where}"
+    )
+    if plan is None:
+        plan = BlockPlan.from_layout(layout, run.modules(block))
+    return plan, first
+
+
+def _solve_shared(
+    run: BlockRun,
+    stage: int,
+    system: BlockSystem,
+    plan: BlockPlan,
+    block: nn.Module,
+    base: ModelSource,
+    owners: list[int],
+    comm: Collectives,
+) -> None:
+    """Each group's system summed into its owner, solved there, and the new parameters copied
+    from the owner into every process's block."""
+    where = run.where
+    for owner in sorted(set(owners)):
+        tensors = [t for g, o in enumerate(owners) if o == owner for t in system.groups[g].tensors()]
+        comm.reduce_to(owner, [*tensors, system.tasks], f"reducing the systems of {where} to rank {owner}")
+    mine = [g for g, o in enumerate(owners) if o == comm.rank]
+    with comm.step(f"solving {where}"):
+        if mine:
+            with base.block(stage, run.index, run.device) as base_block:
+                solve(run, system, plan, block, base_block, None if len(mine) == len(owners) else mine)
+    for owner in sorted(set(owners)):
+        params = [
+            p.data
+            for g, o in enumerate(owners)
+            if o == owner
+            for ref in plan.groups[g].members
+            for p in ref.module.parameters(recurse=False)
+        ]
+        comm.broadcast_from(owner, params, f"sharing the solved parameters of {where} from rank {owner}")
 
 
 def _warn_unknown_norms(student: ModelSource) -> None:
@@ -282,32 +432,73 @@ def _warn_unknown_norms(student: ModelSource) -> None:
         )
 
 
-def _plan(student: ModelSource, batches: dict[str, list], cfg: FeatCalConfig, device) -> MemoryPlan:
-    """The memory plan, from the merged model's shapes and one probe of its front on one batch."""
+def _batch_sizes(
+    student: ModelSource, batches: dict[str, list], device: torch.device
+) -> tuple[dict[str, list[tuple[int, int, int]]], float]:
+    """(examples, tokens, hidden width) of every batch of every task, from the adapter's sequence
+    length or one probe of the merged model's front on the first batch; and the bytes of the
+    captured block arguments per example."""
     first = next(iter(batches.values()))[0]
     with student.front(0, device) as model:
         hidden, ctx = capture_first_block_inputs(student.adapter, model, first, device)
     count, tokens, width = hidden.shape
-    sizes = []
-    for task_batches in batches.values():
-        for batch in task_batches:
-            length = student.adapter.sequence_length(batch)
-            sizes.append((examples(batch), tokens if length is None else length, width))
-    context = int(ctx.nbytes() / count * sum(n for n, _, _ in sizes)) * 2
+    sizes = {}
+    for task, task_batches in batches.items():
+        lengths = [student.adapter.sequence_length(b) for b in task_batches]
+        sizes[task] = [
+            (examples(b), tokens if n is None else n, width) for b, n in zip(task_batches, lengths)
+        ]
+    return sizes, ctx.nbytes() / count
+
+
+def _plan(
+    student: ModelSource,
+    sizes: dict[str, list[tuple[int, int, int]]],
+    context_per_example: float,
+    cfg: FeatCalConfig,
+    device: torch.device,
+) -> MemoryPlan:
+    """The memory plan of this process, from the merged model's shapes and its batches' sizes."""
+    flat = [size for task in sizes.values() for size in task]
+    context = int(context_per_example * sum(n for n, _, _ in flat)) * 2
     plan = estimate(
         [b for stage in student.blocks for b in stage],
         max(student.block_bytes(k, i) for k, stage in enumerate(student.blocks) for i in range(len(stage))),
-        hidden.dtype,
-        ops.accumulator_dtype(hidden.dtype),
-        sizes,
+        student.dtype,
+        ops.accumulator_dtype(student.dtype),
+        flat,
         context,
-        len(batches),
+        len(sizes),
         device,
         student.adapter.module_kind,
     )
     return choose_placement(
         plan, cfg.stream_placement, parse_bytes(cfg.max_gpu_memory), parse_bytes(cfg.max_cpu_memory)
     )
+
+
+def _describe_plans(plans: list[dict]) -> str:
+    """The memory plan of each process (one process: its plan as before)."""
+    if len(plans) == 1:
+        return MemoryPlan(**plans[0]).describe()
+    return "\n".join(f"rank {r}: {MemoryPlan(**p).describe()}" for r, p in enumerate(plans))
+
+
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Per task, the sum over processes of their counts."""
+    total: dict[str, int] = {}
+    for mine in counts:
+        for task, n in mine.items():
+            total[task] = total.get(task, 0) + n
+    return total
+
+
+def _merge_warnings(per_rank: list[list[str]]) -> list[str]:
+    """Every process's warnings, once each; those of other processes than 0 name their rank."""
+    merged = list(dict.fromkeys(per_rank[0]))
+    for rank, messages in enumerate(per_rank[1:], start=1):
+        merged += [f"rank {rank}: {m}" for m in dict.fromkeys(messages) if m not in merged]
+    return merged
 
 
 def _mean(values) -> float:

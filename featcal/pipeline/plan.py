@@ -62,6 +62,21 @@ class BlockPlan:
         order = [n for n in (self.order or [n for g in self.groups for n in g.names]) if n in names]
         return BlockPlan(groups, order[-1], [], order)
 
+    def layout(self) -> tuple:
+        """The plan by module names alone (no tensors, no modules): what another process needs
+        to rebuild it over its own copy of the block (`from_layout`)."""
+        groups = tuple((g.kind, tuple(g.names), g.focus, g.memory) for g in self.groups)
+        return groups, self.last, tuple(self.skipped), tuple(self.order)
+
+    @classmethod
+    def from_layout(cls, layout: tuple, modules: dict[str, ModuleRef]) -> BlockPlan:
+        """The plan of `layout` over the block whose calibrated modules are `modules`."""
+        groups, last, skipped, order = layout
+        rebuilt = [
+            Group(kind, [modules[n] for n in names], focus, memory) for kind, names, focus, memory in groups
+        ]
+        return cls(rebuilt, last, list(skipped), list(order))
+
 
 def discover_plan(
     order: list[str],

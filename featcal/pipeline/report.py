@@ -27,6 +27,16 @@ class BlockReport:
 
 
 @dataclass
+class DistributedReport:
+    """A run spread over processes: per rank its tasks, batches, tokens, seconds spent in
+    collectives (waiting for the others included) and memory plan."""
+
+    world_size: int
+    backend: str | None
+    ranks: list[dict]
+
+
+@dataclass
 class CalibrationReport:
     blocks: list[BlockReport]
     tasks: dict[str, dict[str, int]]
@@ -38,6 +48,7 @@ class CalibrationReport:
     backend: dict
     memory_plan: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    distributed: DistributedReport | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

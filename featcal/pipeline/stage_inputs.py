@@ -9,7 +9,7 @@ that expert.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -33,9 +33,11 @@ def capture_stage(
     run: RunState,
     cfg: FeatCalConfig,
     device: torch.device,
+    measures: Collection[str],
 ) -> dict[str, TaskState]:
     """Fresh task states holding the stage's block-0 inputs (the previous stage's, in `run`, are
-    read and left to the caller to replace)."""
+    read and left to the caller to replace). `batches`: this process's batches of each task;
+    `measures`: the tasks whose drift this process measures (on the first of its batches)."""
     adapter = student.stages[stage]
     stage_name = student.stage_name(stage)
     previous = run.tasks if stage > 0 else {}
@@ -44,7 +46,9 @@ def capture_stage(
     for t in experts:
         prev = previous.get(t)
         if prev is None:
-            inputs[t], heads[t] = batches[t], head(batches[t][0], cfg.drift_examples)
+            inputs[t] = batches[t]
+            if cfg.drift_examples != 0 and t in measures:
+                heads[t] = head(batches[t][0], cfg.drift_examples)
         else:
             inputs[t] = _stage_batches(student, stage, batches[t], prev.student, device)
             if prev.drift is not None:
@@ -61,7 +65,7 @@ def capture_stage(
                 weights = token_weights(adapter, batch, hidden, where=where)
                 memory_weights = token_weights(adapter, batch, hidden, memory=True, where=where)
                 state.add_batch(hidden, ctx, weights, memory_weights)
-            if cfg.drift_examples != 0:
+            if t in heads:
                 state.set_drift(*capture_first_block_inputs(adapter, model, heads[t], device))
     for t, source in experts.items():
         state, prev = states[t], previous.get(t)
