@@ -19,6 +19,7 @@ from pathlib import Path
 from . import extension, ops
 from .config import FeatCalConfig
 from .errors import FeatCalError
+from .pipeline.distributed import is_first_process, process_group_from_environment
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -87,11 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cal)
     cal.add_argument("--merged", required=True, help="merged model: directory or hub id")
     cal.add_argument("--data", nargs="+", required=True, metavar="TASK=FILE", help="safetensors input files")
+    defaults = FeatCalConfig()
     cal.add_argument("--batch-size", type=int, default=16)
     cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     cal.add_argument("--report", type=Path, help="also write the JSON report here")
+    cal.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=defaults.distributed_timeout,
+        help="under torchrun: seconds a process waits for the others before the run stops",
+    )
     _hyperparameter_options(cal)
-    defaults = FeatCalConfig()
     cal.add_argument(
         "--streams",
         choices=["auto", "device", "cpu", "disk"],
@@ -188,13 +195,20 @@ def run_merge(args) -> None:
 
 
 def run_calibrate(args) -> None:
+    """Under torchrun, every process runs this; process 0 prints and writes."""
+    with process_group_from_environment(args.device, args.distributed_timeout) as device:
+        _calibrate(args, device)
+
+
+def _calibrate(args, device: str | None) -> None:
     from .io.checkpoint import check_output, load_model, resolve
     from .io.data_files import load_calibration_file
     from .io.lazy_checkpoint import LazyCheckpoint
     from .pipeline.checks import check_tasks
     from .pipeline.driver import calibrate
 
-    check_output(args.out, args.overwrite)
+    if is_first_process():
+        check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")
     data_src = _pairs(args.data, "--data")
     config = FeatCalConfig(
@@ -205,6 +219,7 @@ def run_calibrate(args) -> None:
         max_cpu_memory=args.max_cpu_memory,
         offload_dir=args.offload_dir,
         progress=not args.quiet,
+        distributed_timeout=args.distributed_timeout,
     )
     check_tasks(experts_src, data_src)
     data = {task: load_calibration_file(path, args.batch_size) for task, path in data_src.items()}
@@ -218,10 +233,12 @@ def run_calibrate(args) -> None:
         experts=experts_src,
         data=data,
         config=config,
-        device=args.device,
+        device=device,
         out=args.out,
         overwrite=args.overwrite,
     )
+    if not is_first_process():
+        return
     if args.report:
         report.write_json(args.report)
     print(report.summary())
@@ -247,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         commands[args.command](args)
     except FeatCalError as err:
-        print(f"featcal: error: {err}", file=sys.stderr)
+        # An error every process of a run raises alike is printed once, by process 0.
+        if is_first_process() or not getattr(err, "shared", False):
+            print(f"featcal: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,7 +14,8 @@ group (NCCL on GPUs, gloo on CPUs; started by torchrun, or by the caller's
 - every phase ends with `check`: each process says whether it failed, and if any did, every
   process raises the same `DistributedError`, naming the rank where the first failure happened.
   Between checks a failed process skips its work (`ok` is False) but still joins every
-  collective, so no process is left waiting;
+  collective, so no process is left waiting. Work outside a `guard` that fails on one process
+  alone (a block that cannot be read there) leaves the others waiting until the timeout;
 - every collective has the run's timeout; waiting past it, or losing a process, is an error
   that names the phase that was waiting.
 """
@@ -39,7 +40,13 @@ BUCKET_ELEMENTS = 1 << 20  # tensors at least this large travel alone, without a
 
 
 class DistributedError(FeatCalError):
-    """A process of the run failed, or stopped answering; every process raises the same message."""
+    """A process of the run failed, or stopped answering. `shared`: every process raises this
+    same message (a failure reported at a check, a disagreement); else only this one does (it
+    lost the others)."""
+
+    def __init__(self, message: str, shared: bool = True) -> None:
+        super().__init__(message)
+        self.shared = shared
 
 
 class Collectives:
@@ -103,7 +110,7 @@ class ProcessGroup(Collectives):
         self.timeout = float(timeout_seconds)
         timeout = datetime.timedelta(seconds=self.timeout)
         self._control = dist.new_group(backend="gloo", timeout=timeout)
-        self._data = self._control if self.backend == "gloo" else dist.new_group(timeout=timeout)
+        self._data = dist.new_group(timeout=timeout)
         self._groups: dict[tuple[int, ...], object] = {}
         self._failure: tuple[float, int, str] | None = None  # (time, rank, message)
         self._error: BaseException | None = None
@@ -116,6 +123,8 @@ class ProcessGroup(Collectives):
     def guard(self) -> Iterator[None]:
         try:
             yield
+        except DistributedError:  # already known to every process, or the others are lost
+            raise
         except Exception as err:  # reported to every process at the next check
             if self._failure is None:
                 message = str(err) if isinstance(err, FeatCalError) else f"{type(err).__name__}: {err}"
@@ -207,7 +216,8 @@ class ProcessGroup(Collectives):
             raise DistributedError(
                 f"rank {self.rank} of {self.world}: {phase}: the collective failed after {waited:.0f} s "
                 f"of waiting for the other processes (timeout {self.timeout:.0f} s); a process may "
-                f"have died or be stuck, its own output says why ({type(err).__name__}: {err})"
+                f"have died or be stuck, its own output says why ({type(err).__name__}: {err})",
+                shared=False,
             ) from err
         finally:
             self.seconds += time.perf_counter() - started
@@ -241,12 +251,19 @@ def process_device(device: torch.device | None, comm: Collectives) -> torch.devi
     return device
 
 
-def init_from_environment(device: str | None, timeout_seconds: float) -> str | None:
-    """For the CLI under torchrun (WORLD_SIZE > 1 in the environment): initialise the default
-    group, NCCL when this process runs on a GPU (its LOCAL_RANK one), else gloo. Returns the
-    process's device (unchanged outside torchrun)."""
+def is_first_process() -> bool:
+    """Process 0 of the default group, or a process that has none."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextmanager
+def process_group_from_environment(device: str | None, timeout_seconds: float) -> Iterator[str | None]:
+    """For the CLI under torchrun (WORLD_SIZE > 1 in the environment): the default group for the
+    duration, NCCL when this process runs on a GPU (its LOCAL_RANK one), else gloo; yields the
+    process's device. Outside torchrun, or with a group already there, `device` unchanged."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
+        yield device
+        return
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,6 +273,8 @@ def init_from_environment(device: str | None, timeout_seconds: float) -> str | N
             raise FeatCalError(f"--device {device}: this machine has no GPU that torch can use")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    timeout = datetime.timedelta(seconds=timeout_seconds)
-    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
-    return device
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()

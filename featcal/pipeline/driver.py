@@ -149,7 +149,7 @@ def _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm: C
             check_architecture(student, source)
     local = {t: [batches[t][i] for i in mine[t]] for t in mine}
     measures = {t for t in mine if mine[t][0] == 0}
-    with ExitStack() as stack:
+    with comm.guard(), ExitStack() as stack:  # the guard: a failed rename, on process 0
         tmp = stack.enter_context(atomic_directory(out, overwrite)) if writes else None
         output = OutputCheckpoint(student.lazy, student.blocks, tmp) if streamed and writes else None
         report = _run(
@@ -162,6 +162,7 @@ def _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm: C
                 save_model(merged, tmp)
             if writes:
                 report.write_json(tmp / "featcal_report.json")
+    comm.check("renaming the output")  # every process returns once the output is in place
     return Calibrated(Path(out) if streamed else merged, report)
 
 
@@ -372,7 +373,7 @@ def _shared_plan(run: BlockRun, block: nn.Module, expert_block, inputs, comm: Co
                     "%s: modules %s are never called and keep their merged values", run.where, plan.skipped
                 )
     layout = comm.broadcast_object(
-        None if comm.world == 1 else plan.layout(), f"sharing the plan of {run.where}"
+        None if comm.world == 1 or plan is None else plan.layout(), f"sharing the plan of {run.where}"
     )
     if plan is None:
         plan = BlockPlan.from_layout(layout, run.modules(block))
@@ -392,9 +393,13 @@ def _solve_shared(
     """Each group's system summed into its owner, solved there, and the new parameters copied
     from the owner into every process's block."""
     where = run.where
+    folded = system.tasks.clone()  # this process's count, sent to every owner
     for owner in sorted(set(owners)):
         tensors = [t for g, o in enumerate(owners) if o == owner for t in system.groups[g].tensors()]
-        comm.reduce_to(owner, [*tensors, system.tasks], f"reducing the systems of {where} to rank {owner}")
+        count = folded.clone()
+        comm.reduce_to(owner, [*tensors, count], f"reducing the systems of {where} to rank {owner}")
+        if owner == comm.rank:
+            system.tasks.copy_(count)
     mine = [g for g, o in enumerate(owners) if o == comm.rank]
     with comm.step(f"solving {where}"):
         if mine:
