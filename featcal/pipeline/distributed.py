@@ -10,7 +10,8 @@ group (NCCL on GPUs, gloo on CPUs; started by torchrun, or by the caller's
 - tensors (a task's raw sums, the block systems, the solved parameters) travel on a group of
   the default backend, small ones coalesced into one buffer per dtype; a task shared by some
   processes has a group of its own;
-- status and small objects (plans, drift numbers, fingerprints) travel on a gloo group;
+- status and small objects (plans, drift numbers, fingerprints) travel on a gloo group, with
+  the checks;
 - every phase ends with `check`: each process says whether it failed, and if any did, every
   process raises the same `DistributedError`, naming the rank where the first failure happened.
   Between checks a failed process skips its work (`ok` is False) but still joins every
@@ -56,6 +57,7 @@ class Collectives:
 
     def __init__(self) -> None:
         self.seconds = 0.0  # spent in collectives, waiting for others included
+        self.seconds_by_phase: dict[str, float] = {}  # by the phase's first word
         self.work: WorkPlan | None = None
 
     @property
@@ -91,10 +93,6 @@ class Collectives:
 
     def broadcast_from(self, owner: int, tensors: Sequence[Tensor], phase: str) -> None:
         """Copy `owner`'s `tensors` into every process's."""
-
-    def broadcast_object(self, value, phase: str):
-        """Process 0's `value`, on every process."""
-        return value
 
     def close(self) -> None:
         pass
@@ -171,12 +169,6 @@ class ProcessGroup(Collectives):
         op = lambda t: dist.broadcast(t, src=owner, group=self._data)  # noqa: E731
         self._each(tensors, op, phase, receives=self.rank != owner)
 
-    def broadcast_object(self, value, phase: str):
-        box = [value]
-        with self._waiting(phase):
-            dist.broadcast_object_list(box, src=0, group=self._control)
-        return box[0]
-
     def close(self) -> None:
         groups = {id(g): g for g in [*self._groups.values(), self._data, self._control]}
         for group in groups.values():
@@ -220,7 +212,10 @@ class ProcessGroup(Collectives):
                 shared=False,
             ) from err
         finally:
-            self.seconds += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            self.seconds += waited
+            kind = phase.split(" ", 1)[0]
+            self.seconds_by_phase[kind] = self.seconds_by_phase.get(kind, 0.0) + waited
 
 
 def open_collectives(mode: str, timeout_seconds: float) -> Collectives:

@@ -250,15 +250,20 @@ def _run(
         for m in in_memory:
             m.train(training[id(m)])
 
-    ranks = comm.check("reporting", (collector.messages, comm.seconds))
+    ranks = comm.check("reporting", (collector.messages, comm.seconds, comm.seconds_by_phase))
     distributed = None
     if comm.world > 1:
         distributed = DistributedReport(
             world_size=comm.world,
             backend=comm.backend,
             ranks=[
-                {**work.summary(r), "communication_seconds": seconds, "memory_plan": plans[r]}
-                for r, (_, seconds) in enumerate(ranks)
+                {
+                    **work.summary(r),
+                    "communication_seconds": seconds,
+                    "communication_seconds_by_phase": by_phase,
+                    "memory_plan": plans[r],
+                }
+                for r, (_, seconds, by_phase) in enumerate(ranks)
             ],
         )
     return CalibrationReport(
@@ -271,7 +276,7 @@ def _run(
         config=cfg.to_dict(),
         backend=ops.backend_info(),
         memory_plan=plan.to_dict(),
-        warnings=_merge_warnings([messages for messages, _ in ranks]),
+        warnings=_merge_warnings([messages for messages, _, _ in ranks]),
         distributed=distributed,
     )
 
@@ -362,21 +367,27 @@ def _calibrate_block(
 
 
 def _shared_plan(run: BlockRun, block: nn.Module, expert_block, inputs, comm: Collectives):
-    """The block's plan, discovered by process 0 on its first task and rebuilt by the others over
-    their own block; (plan, the first batch's expert run, or None where it was not made here)."""
+    """The block's plan: every process with work discovers it on its first task (reusing that
+    batch), all must find rank 0's, and a process without work rebuilds rank 0's over its own
+    block. Returns (plan, the first batch's expert run or None)."""
     plan = first = None
-    with comm.step(f"discovering the groups of {run.where}"):
-        if comm.rank == 0:
+    with comm.guard():
+        if expert_block is not None:
             plan, first = discover(run, block, expert_block, inputs)
-            if plan.skipped:
+            if plan.skipped and comm.rank == 0:
                 log.warning(
                     "%s: modules %s are never called and keep their merged values", run.where, plan.skipped
                 )
-    layout = comm.broadcast_object(
-        None if comm.world == 1 or plan is None else plan.layout(), f"sharing the plan of {run.where}"
-    )
+    mine = None if plan is None or comm.world == 1 else plan.layout()
+    layouts = comm.check(f"discovering the groups of {run.where}", mine)
+    for rank, layout in enumerate(layouts[1:], start=1):
+        if layout is not None and layout != layouts[0]:
+            raise DistributedError(
+                f"{run.where}: rank {rank} finds other module groups than rank 0 ({layout[0]} against "
+                f"{layouts[0][0]}): every process must run the same model code"
+            )
     if plan is None:
-        plan = BlockPlan.from_layout(layout, run.modules(block))
+        plan = BlockPlan.from_layout(layouts[0], run.modules(block))
     return plan, first
 
 
