@@ -4,9 +4,10 @@ The case is `e2e_clip_b32.py`'s (CLIP ViT-B/32 vision encoder, 12 blocks, 4 expe
 per task, float32, FeatCal defaults). Each run is its own process (or pair of processes on a
 gloo group, started by torch.multiprocessing with a file rendezvous), builds the case from the
 same seeds, and times `featcal.calibrate` alone; the parent compares the calibrated weights.
-Runs alternate (single, pair, single, pair, ...) so that both see the same machine.
+Runs alternate (single, pair, single, pair, ...) so that both see the same machine, after an
+unrecorded warm-up run (here the first run after a pause was 1.45x slower than the next ones).
 
-    python bench/e2e_distributed.py --repeat 3 --json bench/results/distributed_b32_cpu.json
+    python bench/e2e_distributed.py --repeat 3 --json bench/results/distributed-b32-cpu.json
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        run(1, f"{tmp}/warmup", 2)  # the first run on a cold machine is slower, whichever it is
         for i in range(args.repeat):
             single = run(1, f"{tmp}/single{i}", args.layers)
             pair = run(2, f"{tmp}/pair{i}", args.layers)

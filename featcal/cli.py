@@ -2,6 +2,7 @@
 
     featcal merge --method ta --base BASE --experts t1=DIR t2=DIR --out MERGED
     featcal calibrate --base BASE --merged MERGED --experts t1=DIR ... --data t1=FILE ... --out OUT
+    torchrun --nproc-per-node N -m featcal calibrate ...   (the same run over N processes)
     featcal backends          (builds featcal._C if needed; what serves each op)
     featcal demo              (experts on scikit-learn's digits, their merge, FeatCal; no download)
 

@@ -30,10 +30,10 @@ BATCHES = (1, 3, 2)  # per task: unequal, so that a task is split over processes
 FAMILIES = {"clip": CLIP_VISION, "llama": LLAMA, "t5": T5}
 
 
-def _inputs(family, dtype):
-    base, experts, merged, _ = setup(family, tasks=len(BATCHES), dtype=dtype)
+def _inputs(family, dtype, batches=BATCHES):
+    base, experts, merged, _ = setup(family, tasks=len(batches), dtype=dtype)
     gen = torch.Generator().manual_seed(7)
-    data = {t: [family.make_batch(gen, 4) for _ in range(n)] for t, n in zip(experts, BATCHES)}
+    data = {t: [family.make_batch(gen, 4) for _ in range(n)] for t, n in zip(experts, batches)}
     if dtype != torch.float64:
         data = {t: [_cast(b, dtype) for b in batches] for t, batches in data.items()}
     return base, experts, merged, data
@@ -59,10 +59,10 @@ def _result(family, model, report) -> dict[str, torch.Tensor]:
     return out
 
 
-def in_memory(name: str, dtype, **config):
+def in_memory(name: str, dtype, batches=BATCHES, **config):
     def case(root: Path, rank: int, distributed: str):
         family = FAMILIES[name]
-        base, experts, merged, data = _inputs(family, dtype)
+        base, experts, merged, data = _inputs(family, dtype, batches)
         model = copy.deepcopy(merged)
         cfg = FeatCalConfig(progress=False, distributed=distributed, **config)
         _, report = calibrate(model, base=base, experts=experts, data=data, config=cfg)
@@ -144,6 +144,7 @@ CASES = {
     "llama64": in_memory("llama", torch.float64),
     "t5_64": in_memory("t5", torch.float64),
     "clip64_project": in_memory("clip", torch.float64, cross_method="project", calibrate_bias=False),
+    "idle": in_memory("llama", torch.float64, batches=(1, 1)),  # 2 batches: with 3 processes, one idles
     "streamed": streamed,
     "nan": nan_in_last_task,
     "other_data": other_data_on_rank_1,

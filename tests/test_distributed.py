@@ -24,7 +24,7 @@ from tiny_models import LLAMA
 from featcal.cli import main
 from featcal.io.data_files import save_calibration_file
 
-ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "streamed"]
+ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "streamed"]
 FAILING = ["nan", "other_data"]
 TOLERANCE = {"clip32": 1e-5, "streamed": 1e-5}
 
@@ -72,6 +72,11 @@ def test_tasks_are_spread_and_one_is_split(worlds, world):
     assert sum(r["batches"] for r in ranks) == sum(BATCHES)
     assert all(r["communication_seconds"] >= 0 for r in ranks)
     assert summary["tasks"]["task1"]["batches"] == 3
+
+
+def test_a_process_without_batches_still_takes_part(worlds):
+    _, summary = outcome(worlds[3], "idle", 0)
+    assert [r["batches"] for r in summary["distributed"]["ranks"]] == [1, 0, 1]
 
 
 def test_streamed_output_is_written_once_and_whole(worlds):

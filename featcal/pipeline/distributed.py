@@ -3,8 +3,8 @@
 
 The driver talks to a `Collectives`. The base class is one process alone: every collective is
 the identity and an error is raised where it happens, so a single process runs exactly as it
-would without this module. `ProcessGroup` spreads the run over the processes of the default
-group (NCCL on GPUs, gloo on CPUs; started by torchrun, or by the caller's
+would without this module. `ProcessGroupCollectives` spreads the run over the processes of
+the default group (NCCL on GPUs, gloo on CPUs; started by torchrun, or by the caller's
 `init_process_group`):
 
 - tensors (a task's raw sums, the block systems, the solved parameters) travel on a group of
@@ -98,7 +98,7 @@ class Collectives:
         pass
 
 
-class ProcessGroup(Collectives):
+class ProcessGroupCollectives(Collectives):
     """The processes of the default torch.distributed group (see the module docstring)."""
 
     def __init__(self, timeout_seconds: float) -> None:
@@ -229,7 +229,7 @@ def open_collectives(mode: str, timeout_seconds: float) -> Collectives:
         )
     if mode == "off" or not initialised or dist.get_world_size() == 1:
         return Collectives()
-    return ProcessGroup(timeout_seconds)
+    return ProcessGroupCollectives(timeout_seconds)
 
 
 def process_device(device: torch.device | None, comm: Collectives) -> torch.device | None:

@@ -111,7 +111,17 @@ def calibrate(
         comm.close()
 
 
-def _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm: Collectives) -> Calibrated:
+def _calibrate(
+    merged: ModelLike,
+    base: ModelLike,
+    experts: Mapping[str, ModelLike],
+    data: Mapping[str, Iterable],
+    cfg: FeatCalConfig,
+    device: str | torch.device | None,
+    out: str | os.PathLike | None,
+    overwrite: bool,
+    comm: Collectives,
+) -> Calibrated:
     if comm.rank != 0:
         cfg = replace(cfg, progress=False)
     writes = out is not None and comm.rank == 0

@@ -67,6 +67,12 @@ class CalibrationReport:
             f"{len(self.tasks)} tasks, {tokens} tokens, {len(self.blocks)} blocks on {self.device} "
             f"in {self.wall_seconds:.1f} s"
         )
+        if self.distributed is not None:
+            d = self.distributed
+            waited = max(r["communication_seconds"] for r in d.ranks)
+            lines.append(
+                f"over {d.world_size} processes ({d.backend}), at most {waited:.1f} s in collectives"
+            )
         memory = []
         if self.peak_cpu_rss_bytes is not None:
             memory.append(f"peak RSS {self.peak_cpu_rss_bytes / 2**30:.2f} GiB")
