@@ -20,7 +20,7 @@ from pathlib import Path
 from . import extension, ops
 from .config import FeatCalConfig
 from .errors import FeatCalError
-from .pipeline.distributed import is_first_process, process_group_from_environment
+from .pipeline.distributed import in_process_group, is_first_process, process_group_from_environment
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -208,7 +208,7 @@ def _calibrate(args, device: str | None) -> None:
     from .pipeline.checks import check_tasks
     from .pipeline.driver import calibrate
 
-    if is_first_process():
+    if not in_process_group():  # under torchrun, rank 0 checks inside calibrate, with the others
         check_output(args.out, args.overwrite)
     experts_src = _pairs(args.experts, "--experts")
     data_src = _pairs(args.data, "--data")
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command](args)
     except FeatCalError as err:
         # An error every process of a run raises alike is printed once, by process 0.
-        if is_first_process() or not getattr(err, "shared", False):
+        if not getattr(err, "shared", False) or err.rank == 0:
             print(f"featcal: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -144,7 +144,8 @@ CASES = {
     "llama64": in_memory("llama", torch.float64),
     "t5_64": in_memory("t5", torch.float64),
     "clip64_project": in_memory("clip", torch.float64, cross_method="project", calibrate_bias=False),
-    "idle": in_memory("llama", torch.float64, batches=(1, 1)),  # 2 batches: with 3 processes, one idles
+    "idle": in_memory("llama", torch.float64, batches=(1, 1)),  # with 3 processes, rank 1 idles
+    "first_idle": in_memory("clip", torch.float64, batches=(1,)),  # rank 0 idles
     "streamed": streamed,
     "nan": nan_in_last_task,
     "other_data": other_data_on_rank_1,

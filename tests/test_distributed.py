@@ -24,7 +24,7 @@ from tiny_models import LLAMA
 from featcal.cli import main
 from featcal.io.data_files import save_calibration_file
 
-ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "streamed"]
+ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "first_idle", "streamed"]
 FAILING = ["nan", "other_data"]
 TOLERANCE = {"clip32": 1e-5, "streamed": 1e-5}
 
@@ -77,6 +77,8 @@ def test_tasks_are_spread_and_one_is_split(worlds, world):
 def test_a_process_without_batches_still_takes_part(worlds):
     _, summary = outcome(worlds[3], "idle", 0)
     assert [r["batches"] for r in summary["distributed"]["ranks"]] == [1, 0, 1]
+    _, summary = outcome(worlds[2], "first_idle", 0)
+    assert [r["batches"] for r in summary["distributed"]["ranks"]] == [0, 1]
 
 
 def test_streamed_output_is_written_once_and_whole(worlds):
@@ -130,6 +132,17 @@ def test_torchrun_cli_equals_the_single_process_cli(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1  # process 0 alone prints the summary
+    again = subprocess.run(
+        [*launch, "-m", "featcal", *args, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # an existing output: refused by every process, said once
+    assert again.returncode != 0
+    assert again.stderr.count("featcal: error:") == 1 and "exists; pass --overwrite" in again.stderr, (
+        again.stderr[-2000:]
+    )
     report = json.loads((tmp_path / "two" / "featcal_report.json").read_text())
     assert report["distributed"]["world_size"] == 2 and report["distributed"]["backend"] == "gloo"
     single_weights, two = _weights(tmp_path / "single"), _weights(tmp_path / "two")

@@ -45,9 +45,9 @@ class DistributedError(FeatCalError):
     same message (a failure reported at a check, a disagreement); else only this one does (it
     lost the others)."""
 
-    def __init__(self, message: str, shared: bool = True) -> None:
+    def __init__(self, message: str, *, rank: int, shared: bool = True) -> None:
         super().__init__(message)
-        self.shared = shared
+        self.rank, self.shared = rank, shared  # `rank`: the process that raises it
 
 
 class Collectives:
@@ -136,7 +136,9 @@ class ProcessGroupCollectives(Collectives):
         if failures:
             _, rank, message = failures[0]
             cause = self._error if rank == self.rank else None
-            raise DistributedError(f"rank {rank} of {self.world} failed: {message}") from cause
+            raise DistributedError(
+                f"rank {rank} of {self.world} failed: {message}", rank=self.rank
+            ) from cause
         return [p for _, p in gathered]
 
     def set_work(self, work: WorkPlan) -> None:
@@ -170,6 +172,8 @@ class ProcessGroupCollectives(Collectives):
         self._each(tensors, op, phase, receives=self.rank != owner)
 
     def close(self) -> None:
+        if self.backend == "nccl":
+            torch.cuda.synchronize()  # the last broadcast is finished before its communicator goes
         groups = {id(g): g for g in [*self._groups.values(), self._data, self._control]}
         for group in groups.values():
             dist.destroy_process_group(group)
@@ -182,33 +186,37 @@ class ProcessGroupCollectives(Collectives):
         one buffer per dtype and device, copied back where this process `receives` the result
         (a process that only sends keeps its small tensors as they were)."""
         small: dict[tuple, list[Tensor]] = defaultdict(list)
-        with self._waiting(phase):
-            for t in tensors:
-                if t.numel() >= BUCKET_ELEMENTS and t.is_contiguous():
+        for t in tensors:
+            if t.numel() >= BUCKET_ELEMENTS and t.is_contiguous():
+                with self._waiting(phase):
                     op(t)
-                else:
-                    small[(t.dtype, t.device)].append(t)
-            for group in small.values():
-                flat = torch.cat([t.reshape(-1) for t in group])
+            else:
+                small[(t.dtype, t.device)].append(t)
+        for group in small.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            with self._waiting(phase):
                 op(flat)
-                if not receives:
-                    continue
-                start = 0
-                for t in group:
-                    t.copy_(flat[start : start + t.numel()].view_as(t))
-                    start += t.numel()
+            if not receives:
+                continue
+            start = 0
+            for t in group:
+                t.copy_(flat[start : start + t.numel()].view_as(t))
+                start += t.numel()
 
     @contextmanager
     def _waiting(self, phase: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
+            if self.backend == "nccl":  # NCCL returns once queued: wait, so the time is the wait
+                torch.cuda.synchronize()
         except RuntimeError as err:  # a timeout, a lost process, a backend failure
             waited = time.perf_counter() - started
             raise DistributedError(
                 f"rank {self.rank} of {self.world}: {phase}: the collective failed after {waited:.0f} s "
                 f"of waiting for the other processes (timeout {self.timeout:.0f} s); a process may "
                 f"have died or be stuck, its own output says why ({type(err).__name__}: {err})",
+                rank=self.rank,
                 shared=False,
             ) from err
         finally:
@@ -233,22 +241,42 @@ def open_collectives(mode: str, timeout_seconds: float) -> Collectives:
 
 
 def process_device(device: torch.device | None, comm: Collectives) -> torch.device | None:
-    """A process's device: "cuda" without an index means this process's LOCAL_RANK GPU. NCCL
-    moves CUDA tensors only."""
-    if comm.world > 1 and device is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if comm.backend == "nccl" and (device is None or device.type != "cuda"):
+    """A process's device: "cuda" without an index means this process's LOCAL_RANK GPU (modulo
+    the GPUs it sees, for launchers that show each process one), made the current device. NCCL
+    moves CUDA tensors only, gloo CPU tensors only (its reduce has no CUDA version)."""
+    if comm.world > 1 and device is not None and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_gpu())
+        torch.cuda.set_device(device)  # Triton launches and NCCL buffers go to the current device
+    on_gpu = device is not None and device.type == "cuda"
+    if comm.backend == "nccl" and not on_gpu:
         raise FeatCalError(
             f"the process group uses NCCL, which moves GPU tensors only, but rank {comm.rank} "
             f"runs on {device or 'the model’s device'}: give device='cuda' (--device cuda), or "
             "initialise the group with gloo to run on CPUs"
         )
+    if comm.backend == "gloo" and on_gpu:
+        raise FeatCalError(
+            f"the process group uses gloo, which cannot reduce GPU tensors, but rank {comm.rank} runs "
+            f"on {device}: initialise the group with NCCL to run on GPUs, or give device='cpu'"
+        )
     return device
+
+
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK, modulo the GPUs it can see."""
+    count = max(torch.cuda.device_count(), 1)
+    return int(os.environ.get("LOCAL_RANK", "0")) % count
+
+
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised default group of several processes."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def is_first_process() -> bool:
     """Process 0 of the default group, or a process that has none."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_process_group() or dist.get_rank() == 0
 
 
 @contextmanager
@@ -259,15 +287,14 @@ def process_group_from_environment(device: str | None, timeout_seconds: float) -
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield device
         return
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu:
         if not torch.cuda.is_available():
             raise FeatCalError(f"--device {device}: this machine has no GPU that torch can use")
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+        device = f"cuda:{local_gpu()}"
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
     try:
         yield device

@@ -152,11 +152,11 @@ def _calibrate(
     with comm.step("probing the batch sizes"):
         sizes, context = _batch_sizes(student, batches, device)
         work = split_work({t: [n * k for n, k, _ in sizes[t]] for t in tasks}, comm.world)
-        comm.set_work(work)
         mine = work.batches[comm.rank]
         expert_srcs = {t: open_source(experts[t], f"expert {t!r}", student.dtype) for t in mine}
         for source in expert_srcs.values():
             check_architecture(student, source)
+    comm.set_work(work)  # a collective: after the check, so every process makes its groups
     local = {t: [batches[t][i] for i in mine[t]] for t in mine}
     measures = {t for t in mine if mine[t][0] == 0}
     with comm.guard(), ExitStack() as stack:  # the guard: a failed rename, on process 0
@@ -183,7 +183,8 @@ def _check_agreement(fingerprints: list, comm: Collectives) -> None:
         if part is not None:
             raise DistributedError(
                 f"rank {rank} of {comm.world} was given other {part} than rank 0: every process of a "
-                "run must be given the same data, settings and models"
+                "run must be given the same data, settings and models",
+                rank=comm.rank,
             )
 
 
@@ -377,27 +378,31 @@ def _calibrate_block(
 
 
 def _shared_plan(run: BlockRun, block: nn.Module, expert_block, inputs, comm: Collectives):
-    """The block's plan: every process with work discovers it on its first task (reusing that
-    batch), all must find rank 0's, and a process without work rebuilds rank 0's over its own
-    block. Returns (plan, the first batch's expert run or None)."""
+    """The block's plan: every process with work discovers it on its own first task (reusing that
+    batch); all must find the plan of the first process with work, which a process without work
+    rebuilds over its own block. Returns (plan, the first batch's expert run or None)."""
     plan = first = None
     with comm.guard():
         if expert_block is not None:
             plan, first = discover(run, block, expert_block, inputs)
-            if plan.skipped and comm.rank == 0:
-                log.warning(
-                    "%s: modules %s are never called and keep their merged values", run.where, plan.skipped
-                )
     mine = None if plan is None or comm.world == 1 else plan.layout()
     layouts = comm.check(f"discovering the groups of {run.where}", mine)
-    for rank, layout in enumerate(layouts[1:], start=1):
-        if layout is not None and layout != layouts[0]:
-            raise DistributedError(
-                f"{run.where}: rank {rank} finds other module groups than rank 0 ({layout[0]} against "
-                f"{layouts[0][0]}): every process must run the same model code"
-            )
-    if plan is None:
-        plan = BlockPlan.from_layout(layouts[0], run.modules(block))
+    if comm.world > 1:
+        source = next(r for r, layout in enumerate(layouts) if layout is not None)
+        for rank, layout in enumerate(layouts):
+            if layout is not None and layout != layouts[source]:
+                raise DistributedError(
+                    f"{run.where}: rank {rank} finds other module groups than rank {source} ({layout[0]} "
+                    f"against {layouts[source][0]}): every process must run the same model code, whose "
+                    "modules may not depend on the data",
+                    rank=comm.rank,
+                )
+        if plan is None:
+            plan = BlockPlan.from_layout(layouts[source], run.modules(block))
+    else:
+        source = 0
+    if plan.skipped and comm.rank == source:
+        log.warning("%s: modules %s are never called and keep their merged values", run.where, plan.skipped)
     return plan, first
 
 
@@ -521,7 +526,7 @@ def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
 
 def _merge_warnings(per_rank: list[list[str]]) -> list[str]:
     """Every process's warnings, once each; those of other processes than 0 name their rank."""
-    merged = list(dict.fromkeys(per_rank[0]))
+    merged = list(per_rank[0])
     for rank, messages in enumerate(per_rank[1:], start=1):
         merged += [f"rank {rank}: {m}" for m in dict.fromkeys(messages) if m not in merged]
     return merged
