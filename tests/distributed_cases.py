@@ -138,6 +138,27 @@ def rank_1_dies(root: Path, rank: int, distributed: str):
     return {}, None
 
 
+def expert_unreadable_on_rank_1(root: Path, rank: int, distributed: str):
+    """Process 1 cannot read its expert's block 1 (a damaged file on its node, say)."""
+    from featcal.models.sources import ModelSource
+
+    read = ModelSource.block
+
+    def block(self, stage, index, device):
+        if rank == 1 and self.role == "expert 'task2'" and index == 1:
+            raise OSError(f"cannot read block {index} of the {self.role}")
+        return read(self, stage, index, device)
+
+    ModelSource.block = block
+    try:
+        base, experts, merged, data = _inputs(CLIP_VISION, torch.float64)
+        cfg = FeatCalConfig(progress=False, distributed=distributed, distributed_timeout=30)
+        calibrate(merged, base=base, experts=experts, data=data, config=cfg)
+    finally:
+        ModelSource.block = read
+    return {}, None
+
+
 CASES = {
     "clip64": in_memory("clip", torch.float64),
     "clip32": in_memory("clip", torch.float32),
@@ -150,6 +171,7 @@ CASES = {
     "nan": nan_in_last_task,
     "other_data": other_data_on_rank_1,
     "dies": rank_1_dies,
+    "unreadable": expert_unreadable_on_rank_1,
 }
 
 

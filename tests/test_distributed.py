@@ -25,7 +25,7 @@ from featcal.cli import main
 from featcal.io.data_files import save_calibration_file
 
 ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "first_idle", "streamed"]
-FAILING = ["nan", "other_data"]
+FAILING = ["nan", "other_data", "unreadable"]
 TOLERANCE = {"clip32": 1e-5, "streamed": 1e-5}
 
 
@@ -102,6 +102,11 @@ def test_a_process_with_other_data_is_refused_before_any_work(worlds):
         error = outcome(root, "other_data", rank)[1]["error"]
         assert "rank 1 of 2 was given other calibration data of task 'task1' than rank 0" in error
     assert not (root / "out-other").exists()
+
+
+def test_an_expert_block_unreadable_on_one_process_stops_every_process(worlds):
+    errors = [outcome(worlds[2], "unreadable", r)[1]["error"] for r in range(2)]
+    assert errors[0] == errors[1] == "rank 1 of 2 failed: OSError: cannot read block 1 of the expert 'task2'"
 
 
 def test_a_process_that_dies_is_named_by_the_waiting_phase(tmp_path):

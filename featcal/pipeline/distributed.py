@@ -16,7 +16,7 @@ the default group (NCCL on GPUs, gloo on CPUs; started by torchrun, or by the ca
   process raises the same `DistributedError`, naming the rank where the first failure happened.
   Between checks a failed process skips its work (`ok` is False) but still joins every
   collective, so no process is left waiting. Work outside a `guard` that fails on one process
-  alone (a block that cannot be read there) leaves the others waiting until the timeout;
+  alone (the merged block unreadable there) leaves the others waiting until the timeout;
 - every collective has the run's timeout; waiting past it, or losing a process, is an error
   that names the phase that was waiting.
 """

@@ -325,7 +325,10 @@ def _calibrate_block(
         plan, _ = _shared_plan(run, block, None, None, comm)
         system = BlockSystem.zeros(plan, run.dtype, device)
     for task, s in state.tasks.items():
-        with experts[task].block(stage, index, device) as expert_block:
+        with ExitStack() as held:
+            expert_block = None  # an expert block that cannot be read here fails this process alone
+            with comm.guard():
+                expert_block = held.enter_context(experts[task].block(stage, index, device))
             first = None
             if plan is None:
                 plan, first = _shared_plan(run, block, expert_block, s.inputs(), comm)
