@@ -126,24 +126,10 @@ def test_torchrun_cli_equals_the_single_process_cli(tmp_path):
         save_calibration_file(path, {k: torch.cat([b[k] for b in batches]) for k in batches[0]})
         args.append(f"{task}={path}")
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run(
-        [*launch, "-m", "featcal", *args, "--out", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    run = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1  # process 0 alone prints the summary
-    again = subprocess.run(
-        [*launch, "-m", "featcal", *args, "--out", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )  # an existing output: refused by every process, said once
+    again = _torchrun(2, [*args, "--out", str(tmp_path / "two")])  # refused by every process, said once
     assert again.returncode != 0
     assert again.stderr.count("featcal: error:") == 1 and "exists; pass --overwrite" in again.stderr, (
         again.stderr[-2000:]
@@ -154,6 +140,15 @@ def test_torchrun_cli_equals_the_single_process_cli(tmp_path):
     assert set(single_weights) == set(two)
     for name, value in single_weights.items():
         assert (two[name] - value).abs().max().item() <= 1e-5, name
+
+
+def _torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m featcal ARGS`, one thread per process."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*launch, "-m", "featcal", *args], env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
