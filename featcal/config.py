@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import FeatCalError
-from .pipeline.memory_plan import parse_bytes
+from .sizes import parse_bytes
 
 CROSS_METHODS = ("auto", "cross", "project")
 STREAM_PLACEMENTS = ("auto", "device", "cpu", "disk")

@@ -201,3 +201,27 @@ def test_memory_flags_place_streams_and_refuse_a_short_budget(disk, tmp_path, ca
     report = json.loads((out / "featcal_report.json").read_text())
     assert report["memory_plan"]["placement"] == "disk" and report["config"]["max_cpu_memory"] == "4GiB"
     assert offload.is_dir() and not list(offload.iterdir())
+
+
+def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import featcal.io.sharded_writer as sharded_writer
+
+    root, base, experts, data = disk
+    real, calls = sharded_writer.save_file, []
+
+    def filling(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:  # the second block's shard
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(sharded_writer, "save_file", filling)
+    out = tmp_path / "out"
+    assert main(_calibrate_args(root, experts, root / "base", out)) == 2
+    err = capsys.readouterr().err
+    assert "featcal: error: could not write " in err and "No space left on device" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

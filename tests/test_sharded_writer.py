@@ -1,6 +1,8 @@
 """ShardedWriter writes loadable safetensors checkpoints shard by shard, never a partial file."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -142,11 +144,12 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
         targets.append(filename)
         with open(filename, "wb") as f:
             f.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     writer = ShardedWriter(tmp_path, 2)
     monkeypatch.setattr(sharded_writer, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    message = rf"could not write {tmp_path / 'model-00001-of-00002.safetensors'} \(\d+ B\): No space left"
+    with pytest.raises(FeatCalError, match=message + r".*has .* free\. Free some space there"):
         writer.write_shard(0, _tensors(7, "a"))
     assert len(targets) == 1 and targets[0] != tmp_path / "model-00001-of-00002.safetensors"
     assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import FeatCalError
+from .atomic_file import fsync_path, write_error
 
 # Files a checkpoint directory may carry beside the weights that a user of the output needs.
 COMPANION_FILES = (
@@ -89,6 +90,9 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the directories holding them
+            fsync_path(path)
+        fsync_path(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             out.rename(old / out.name)
@@ -96,6 +100,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +108,11 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
 
 def save_model(model: nn.Module, out: Path, companions_from: Path | str | None = None) -> None:
     """`save_pretrained` (safetensors) into `out`, plus processor/tokenizer files of a source directory."""
-    model.save_pretrained(out, safe_serialization=True)
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    except OSError as err:
+        needed = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        raise write_error(out, needed, err) from err
     if isinstance(companions_from, Path):
         copy_companions(companions_from, out)
 

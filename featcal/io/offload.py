@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FeatCalError
+from .atomic_file import write_error
 
 PLACEMENTS = ("device", "cpu", "disk")
 
@@ -67,8 +68,13 @@ class Stream:
         else:
             path = os.path.join(self.directory, f"{self.name}.{len(self._files):06d}.bin")
             flat = value.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            with open(path, "wb") as file:
-                file.write(flat.numpy().data)
+            try:
+                with open(path, "wb") as file:
+                    file.write(flat.numpy().data)
+            except OSError as err:
+                if os.path.exists(path):
+                    os.remove(path)
+                raise write_error(path, flat.numel(), err, "give another --offload-dir") from err
             self._files.append((path, value.shape, value.dtype))
 
     def __len__(self) -> int:

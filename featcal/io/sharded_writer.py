@@ -69,7 +69,8 @@ class ShardedWriter:
                 tensor = tensor.clone()
             storages.add(storage)
             prepared[key] = tensor
-        with atomic_file(self.directory / name) as tmp:
+        needed = sum(t.numel() * t.element_size() for t in prepared.values())
+        with atomic_file(self.directory / name, needed) as tmp:
             save_file(prepared, tmp, metadata=self.metadata)
         self._written.add(number)
         for key, tensor in prepared.items():

@@ -38,10 +38,11 @@ from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
 from ..models.modules import unknown_norms
 from ..models.sources import ModelLike, ModelSource, device_of, open_source
+from ..sizes import parse_bytes
 from .checks import check_architecture, check_batches, check_tasks
 from .distributed import Collectives, DistributedError, open_collectives, process_device
 from .fingerprint import first_difference, run_fingerprint
-from .memory_plan import MemoryPlan, choose_placement, estimate, parse_bytes
+from .memory_plan import MemoryPlan, choose_placement, estimate
 from .phases import (
     BlockRun,
     accumulate,
