@@ -21,6 +21,7 @@ from . import extension, ops
 from .config import FeatCalConfig
 from .errors import FeatCalError
 from .pipeline.distributed import in_process_group, is_first_process, process_group_from_environment
+from .signals import Stopped, stop_on_signals
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -256,6 +257,19 @@ def run_backends(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="featcal: %(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        with stop_on_signals():
+            return _dispatch(args)
+    except Stopped as stop:
+        print(
+            f"featcal: stopped by {stop}: the run was abandoned cleanly (its temporary files and "
+            "disk streams are removed, no output was written); run the command again to start over",
+            file=sys.stderr,
+        )
+        return stop.exit_status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         commands = {
             "merge": run_merge,

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -225,3 +227,31 @@ def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, c
     assert "featcal: error: could not write " in err and "No space left on device" in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_cleanly(disk, tmp_path, capsys, monkeypatch, signum, status):
+    import featcal.pipeline.driver as driver
+
+    root, base, experts, data = disk
+    real = driver._calibrate_block
+
+    def signalled(stage, index, *args, **kwargs):
+        if index == 1:
+            os.kill(os.getpid(), signum)
+        return real(stage, index, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_calibrate_block", signalled)
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    args = _calibrate_args(root, experts, root / "base", out) + [
+        "--streams",
+        "disk",
+        "--offload-dir",
+        str(offload),
+    ]
+    assert main(args) == status
+    err = capsys.readouterr().err
+    assert f"featcal: stopped by {signal.Signals(signum).name}: the run was abandoned cleanly" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["offload"] and list(offload.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back

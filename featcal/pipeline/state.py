@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..io.offload import Stream
+from ..io.stream_directory import make_stream_directory
 from ..models.capture import BlockContext, same_context
 
 
@@ -115,9 +115,7 @@ class RunState:
         self.home = device if placement == "device" else torch.device("cpu")
         self.directory: Path | None = None
         if placement == "disk":
-            if offload_dir is not None:
-                Path(offload_dir).mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="featcal-streams-", dir=offload_dir))
+            self.directory = make_stream_directory(offload_dir)
         self._names = itertools.count()
         self.tasks: dict[str, TaskState] = {}
 
