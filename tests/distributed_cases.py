@@ -180,8 +180,12 @@ def single(case: str, root: Path) -> dict[str, torch.Tensor]:
     return CASES[case](root, 0, "off")[0]
 
 
-def _worker(rank: int, world: int, cases: list[str], root: str) -> None:
+def _worker(rank: int, world: int, cases: list[str], root: str, bucket: int | None) -> None:
     torch.set_num_threads(1)
+    if bucket is not None:  # tensors of `bucket` elements or more travel alone (the path of large models)
+        import featcal.pipeline.distributed as distributed
+
+        distributed.BUCKET_ELEMENTS = bucket
     root_path = Path(root)
     dist.init_process_group(
         "gloo",
@@ -209,11 +213,15 @@ def _worker(rank: int, world: int, cases: list[str], root: str) -> None:
         dist.destroy_process_group()
 
 
-def run_world(world: int, cases: list[str], root: Path, timeout: float = 150) -> list[int]:
-    """Start the processes, wait for them; their exit codes."""
+def run_world(
+    world: int, cases: list[str], root: Path, timeout: float = 150, bucket: int | None = None
+) -> list[int]:
+    """Start the processes, wait for them; their exit codes. `bucket`: the size from which a
+    tensor travels alone instead of coalesced (default: featcal's)."""
     context = mp.get_context("spawn")
     sys.stdout.flush()
-    processes = [context.Process(target=_worker, args=(r, world, cases, str(root))) for r in range(world)]
+    args = [(r, world, cases, str(root), bucket) for r in range(world)]
+    processes = [context.Process(target=_worker, args=a) for a in args]
     for p in processes:
         p.start()
     for p in processes:

@@ -11,6 +11,7 @@ from featcal import FeatCalConfig, FeatCalError
 from featcal.models.modules import LINEAR, RMSNORM, ModuleRef
 from featcal.pipeline.fingerprint import data_digest, first_difference
 from featcal.pipeline.plan import BlockPlan, Group
+from featcal.pipeline.solver import BlockSystem
 from featcal.pipeline.work import solve_cost, solve_owners, split_work
 
 
@@ -107,3 +108,16 @@ def test_on_without_a_process_group_is_refused():
             data={"a": [torch.zeros(1, 2)]},
             config=FeatCalConfig(distributed="on"),
         )
+
+
+def test_a_linear_systems_collective_carries_exactly_its_lower_triangle():
+    plan = _plan([(37, LINEAR)])
+    system = BlockSystem.zeros(plan, torch.float64, torch.device("cpu"))
+    system.groups[0].A.copy_(torch.randn(37, 37))
+    parts = system.groups[0].collective_tensors()
+    carried = sum(t.numel() for t in parts[:-4])  # the panels of A, before B, R, V, s
+    assert 37 * 38 / 2 <= carried <= 0.6 * 37 * 37
+    for t in parts:
+        t.zero_()  # writes through the views
+    A = system.groups[0].A
+    assert torch.equal(A.tril(), torch.zeros_like(A)) and A.triu(1).abs().sum() > 0

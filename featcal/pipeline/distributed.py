@@ -37,7 +37,7 @@ from torch import Tensor
 from ..errors import FeatCalError
 from .work import WorkPlan
 
-BUCKET_ELEMENTS = 1 << 20  # tensors at least this large travel alone, without a coalescing copy
+BUCKET_ELEMENTS = 1 << 20  # tensors at least this large travel alone, not in a coalesced buffer
 
 
 class DistributedError(FeatCalError):
@@ -182,16 +182,20 @@ class ProcessGroupCollectives(Collectives):
     def _each(
         self, tensors: Sequence[Tensor], op: Callable[[Tensor], object], phase: str, receives: bool
     ) -> None:
-        """`op` in place on every tensor: large contiguous ones alone, the others coalesced into
-        one buffer per dtype and device, copied back where this process `receives` the result
-        (a process that only sends keeps its small tensors as they were)."""
+        """`op` in place on every tensor: large ones alone (a non-contiguous one through its own
+        copy), small ones coalesced into one buffer per dtype and device; copied back where this
+        process `receives` the result (a process that only sends keeps its copies' tensors as
+        they were)."""
         small: dict[tuple, list[Tensor]] = defaultdict(list)
         for t in tensors:
-            if t.numel() >= BUCKET_ELEMENTS and t.is_contiguous():
-                with self._waiting(phase):
-                    op(t)
-            else:
+            if t.numel() < BUCKET_ELEMENTS:
                 small[(t.dtype, t.device)].append(t)
+                continue
+            buffer = t if t.is_contiguous() else t.contiguous()  # a band of a matrix: its own copy
+            with self._waiting(phase):
+                op(buffer)
+            if receives and buffer is not t:
+                t.copy_(buffer)
         for group in small.values():
             flat = torch.cat([t.reshape(-1) for t in group])
             with self._waiting(phase):

@@ -425,7 +425,8 @@ def _solve_shared(
     where = run.where
     folded = system.tasks.clone()  # this process's count, sent to every owner
     for owner in sorted(set(owners)):
-        tensors = [t for g, o in enumerate(owners) if o == owner for t in system.groups[g].tensors()]
+        groups = [system.groups[g] for g, o in enumerate(owners) if o == owner]
+        tensors = [t for group in groups for t in group.collective_tensors()]
         count = folded.clone()
         comm.reduce_to(owner, [*tensors, count], f"reducing the systems of {where} to rank {owner}")
         if owner == comm.rank:

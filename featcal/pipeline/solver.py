@@ -53,6 +53,15 @@ class LinearSystem(TensorState):
     V: Tensor  # (d,) sum_t s_t mu_s
     s: Tensor  # () sum_t s_t
 
+    def collective_tensors(self, panels: int = 8) -> list[Tensor]:
+        """What a sum over processes must carry: A's lower triangle, as `panels` bands of rows
+        (views; rows r0..r1 up to column r1, about (1 + 1 / panels) / 2 of A), since the solve
+        reads no more of A; then B, R, V, s."""
+        d = self.A.shape[0]
+        bounds = [d * k // panels for k in range(panels + 1)]
+        lower = [self.A[r0:r1, :r1] for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
+        return [*lower, *self.B, *self.R, self.V, self.s]
+
 
 @dataclass
 class NormSystem(TensorState):
@@ -63,6 +72,10 @@ class NormSystem(TensorState):
     mean: Tensor  # (d,) sum_t m_t
     r1: list[Tensor]  # per member sum_t (e_t g_t + m_t c_t)
     r2: list[Tensor]  # per member sum_t (m_t g_t + c_t)
+
+    def collective_tensors(self) -> list[Tensor]:
+        """What a sum over processes must carry: every tensor."""
+        return self.tensors()
 
 
 @dataclass
