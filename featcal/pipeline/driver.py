@@ -159,7 +159,7 @@ def _calibrate(
             check_architecture(student, source)
     comm.set_work(work)  # a collective: after the check, so every process makes its groups
     local = {t: [batches[t][i] for i in mine[t]] for t in mine}
-    measures = {t for t in mine if mine[t][0] == 0}
+    measures = {t for t in mine if work.leader(t) == comm.rank}  # the leader holds batch 0
     with comm.guard(), ExitStack() as stack:  # the guard: a failed rename, on process 0
         tmp = stack.enter_context(atomic_directory(out, overwrite)) if writes else None
         output = OutputCheckpoint(student.lazy, student.blocks, tmp) if streamed and writes else None
@@ -423,26 +423,24 @@ def _solve_shared(
     """Each group's system summed into its owner, solved there, and the new parameters copied
     from the owner into every process's block."""
     where = run.where
+    owned: dict[int, list[int]] = {}  # owner -> its groups, owners in rank order
+    for g, owner in sorted(enumerate(owners), key=lambda pair: pair[1]):
+        owned.setdefault(owner, []).append(g)
     folded = system.tasks.clone()  # this process's count, sent to every owner
-    for owner in sorted(set(owners)):
-        groups = [system.groups[g] for g, o in enumerate(owners) if o == owner]
-        tensors = [t for group in groups for t in group.collective_tensors()]
+    for owner, groups in owned.items():
+        tensors = [t for g in groups for t in system.groups[g].collective_tensors()]
         count = folded.clone()
         comm.reduce_to(owner, [*tensors, count], f"reducing the systems of {where} to rank {owner}")
         if owner == comm.rank:
             system.tasks.copy_(count)
-    mine = [g for g, o in enumerate(owners) if o == comm.rank]
+    mine = owned.get(comm.rank, [])
     with comm.step(f"solving {where}"):
         if mine:
             with base.block(stage, run.index, run.device) as base_block:
                 solve(run, system, plan, block, base_block, None if len(mine) == len(owners) else mine)
-    for owner in sorted(set(owners)):
+    for owner, groups in owned.items():
         params = [
-            p.data
-            for g, o in enumerate(owners)
-            if o == owner
-            for ref in plan.groups[g].members
-            for p in ref.module.parameters(recurse=False)
+            p.data for g in groups for ref in plan.groups[g].members for p in ref.module.parameters(False)
         ]
         comm.broadcast_from(owner, params, f"sharing the solved parameters of {where} from rank {owner}")
 
