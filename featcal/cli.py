@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     cal.add_argument("--report", type=Path, help="also write the JSON report here")
     cal.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the finished blocks of an interrupted run (kept in OUT.featcal-partial)",
+    )
+    cal.add_argument(
         "--distributed-timeout",
         type=float,
         default=defaults.distributed_timeout,
@@ -203,14 +208,15 @@ def run_calibrate(args) -> None:
 
 
 def _calibrate(args, device: str | None) -> None:
-    from .io.checkpoint import check_output, load_model, resolve
+    from .io.checkpoint import load_model, resolve
     from .io.data_files import load_calibration_file
     from .io.lazy_checkpoint import LazyCheckpoint
     from .pipeline.checks import check_tasks
     from .pipeline.driver import calibrate
+    from .pipeline.partial_output import inspect
 
     if not in_process_group():  # under torchrun, rank 0 checks inside calibrate, with the others
-        check_output(args.out, args.overwrite)
+        inspect(args.out, args.overwrite, args.resume)
     experts_src = _pairs(args.experts, "--experts")
     data_src = _pairs(args.data, "--data")
     config = FeatCalConfig(
@@ -238,6 +244,7 @@ def _calibrate(args, device: str | None) -> None:
         device=device,
         out=args.out,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     if not is_first_process():
         return
@@ -261,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return _dispatch(args)
     except Stopped as stop:
+        notes = getattr(stop, "__notes__", [])
+        after = "; ".join(notes) if notes else "no output was written; run the command again to start over"
         print(
-            f"featcal: stopped by {stop}: the run was abandoned cleanly (its temporary files and "
-            "disk streams are removed, no output was written); run the command again to start over",
+            f"featcal: stopped by {stop}: the run was abandoned cleanly (its temporary files and disk "
+            f"streams are removed); {after}",
             file=sys.stderr,
         )
         return stop.exit_status
@@ -282,6 +291,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         # An error every process of a run raises alike is printed once, by process 0.
         if not getattr(err, "shared", False) or err.rank == 0:
             print(f"featcal: error: {err}", file=sys.stderr)
+            for note in getattr(err, "__notes__", []):
+                print(f"featcal: {note}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,12 @@ class NonFiniteError(FeatCalError):
     """NaN or Inf reached the statistics of a module."""
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """Attach a line to an error, which the `featcal` command prints after its message
+    (`BaseException.add_note`, which Python 3.10 lacks)."""
+    err.__notes__ = [*getattr(err, "__notes__", []), note]
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a message points: any of task, stage, block, module and batch.

@@ -205,9 +205,13 @@ def test_memory_flags_place_streams_and_refuse_a_short_budget(disk, tmp_path, ca
     assert offload.is_dir() and not list(offload.iterdir())
 
 
+def _same_weights(a, b):
+    left, right = _weights(a), _weights(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
 def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, capsys, monkeypatch):
     import errno
-    import os
 
     import featcal.io.sharded_writer as sharded_writer
 
@@ -217,16 +221,29 @@ def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, c
     def filling(tensors, filename, metadata=None):
         calls.append(filename)
         if len(calls) == 3:  # the second block's shard
+            real(tensors, filename, metadata=metadata)  # a part of it is on disk when the room runs out
+            os.truncate(filename, os.path.getsize(filename) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(sharded_writer, "save_file", filling)
     out = tmp_path / "out"
-    assert main(_calibrate_args(root, experts, root / "base", out)) == 2
+    args = _calibrate_args(root, experts, root / "base", out)
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "featcal: error: could not write " in err and "No space left on device" in err
+    assert "1 of 3 blocks finished, up to block 0): run the same command with --resume" in err
     assert "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    partial = tmp_path / "out.featcal-partial"
+    assert [p.name for p in tmp_path.iterdir()] == [partial.name]
+    assert not [p for p in partial.iterdir() if p.name.endswith(".tmp")]  # no half-written shard
+
+    monkeypatch.setattr(sharded_writer, "save_file", real)
+    assert main(args + ["--resume"]) == 0
+    assert main(_calibrate_args(root, experts, root / "base", tmp_path / "whole")) == 0
+    assert _same_weights(out, tmp_path / "whole")
+    report = json.loads((out / "featcal_report.json").read_text())
+    assert report["resumed_from"]["block"] == 1 and report["resumed_from"]["finished_before"] == 1
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -236,10 +253,10 @@ def test_a_signal_stops_the_run_cleanly(disk, tmp_path, capsys, monkeypatch, sig
     root, base, experts, data = disk
     real = driver._calibrate_block
 
-    def signalled(stage, index, *args, **kwargs):
-        if index == 1:
+    def signalled(run, *args, **kwargs):
+        if run.index == 1:
             os.kill(os.getpid(), signum)
-        return real(stage, index, *args, **kwargs)
+        return real(run, *args, **kwargs)
 
     monkeypatch.setattr(driver, "_calibrate_block", signalled)
     out, offload = tmp_path / "out", tmp_path / "offload"
@@ -252,6 +269,9 @@ def test_a_signal_stops_the_run_cleanly(disk, tmp_path, capsys, monkeypatch, sig
     assert main(args) == status
     err = capsys.readouterr().err
     assert f"featcal: stopped by {signal.Signals(signum).name}: the run was abandoned cleanly" in err
+    assert f"{out}.featcal-partial keeps the finished blocks (1 of 3 blocks finished" in err
+    assert "run the same command with --resume to go on" in err
     assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["offload"] and list(offload.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["offload", "out.featcal-partial"]
+    assert list(offload.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back

@@ -90,20 +90,26 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
-        for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the directories holding them
-            fsync_path(path)
-        fsync_path(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        fsync_path(out.parent)
+        install_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_directory(tmp: Path, out: Path) -> None:
+    """Sync every file and directory under `tmp`, then rename it to `out` (replacing an existing
+    `out`) and sync their parent: after a crash, `out` is the old or the complete new one."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the directories holding them
+        fsync_path(path)
+    fsync_path(tmp)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / out.name)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    fsync_path(out.parent)
 
 
 def save_model(model: nn.Module, out: Path, companions_from: Path | str | None = None) -> None:

@@ -71,6 +71,7 @@ class LazyCheckpoint:
                 f"{self.path} holds neither {SINGLE_FILE} nor {INDEX_FILE}: featcal reads safetensors "
                 "checkpoints (convert .bin weights with save_pretrained(safe_serialization=True))"
             )
+        self._shards = shards
         self._entries: dict[str, _Entry] = {}
         for shard in shards:
             for name, entry in self._read_header(shard).items():
@@ -107,29 +108,14 @@ class LazyCheckpoint:
     def _read_header(self, shard: str) -> dict[str, _Entry]:
         """The tensors listed in a shard's header, in header order; checks that their data fits the file."""
         file = self.path / shard
-        size = file.stat().st_size
-        try:
-            with open(file, "rb") as f:
-                if size < 8:
-                    raise ValueError(f"file is {size} bytes, shorter than the 8-byte header length")
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > size - 8:
-                    raise ValueError(f"header length {length} exceeds the file size {size}")
-                header = json.loads(f.read(length))
-            entries = {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                shape = tuple(int(n) for n in info["shape"])
-                if not isinstance(info["dtype"], str) or not 0 <= start <= end:
-                    raise ValueError(f"bad entry for tensor {name!r}: {info}")
-                if 8 + length + end > size:
-                    raise ValueError(f"data of tensor {name!r} ends past the end of the file ({size} bytes)")
-                entries[name] = _Entry(shard, info["dtype"], shape, end - start)
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise FeatCalError(f"corrupt or truncated safetensors header in {file}: {err}") from err
-        return entries
+        header, _ = read_header(file)
+        return {
+            name: _Entry(
+                shard, info["dtype"], tuple(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0]
+            )
+            for name, info in header.items()
+            if name != "__metadata__"
+        }
 
     def _entry(self, key: str) -> _Entry:
         entry = self._entries.get(key)
@@ -199,6 +185,10 @@ class LazyCheckpoint:
                     tensors[name] = tensor if dtype is None else tensor.to(dtype)
         return {k: tensors[k] for k in keys}
 
+    def files(self) -> list[str]:
+        """The shard file names (within `path`), sorted."""
+        return sorted(self._shards)
+
     @staticmethod
     def holds_safetensors(path: str | os.PathLike) -> bool:
         """True if the directory `path` has model.safetensors or model.safetensors.index.json."""
@@ -207,3 +197,29 @@ class LazyCheckpoint:
 
     def __repr__(self) -> str:
         return f"LazyCheckpoint({str(self.path)!r}, {len(self._entries)} tensors)"
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> {dtype, shape, data_offsets}, and
+    "__metadata__") and the offset where its data starts; every entry checked to lie in the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            if size < 8:
+                raise ValueError(f"file is {size} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            shape_ok = all(isinstance(n, int) and n >= 0 for n in info["shape"])
+            if not isinstance(info["dtype"], str) or not shape_ok or not 0 <= start <= end:
+                raise ValueError(f"bad entry for tensor {name!r}: {info}")
+            if 8 + length + end > size:
+                raise ValueError(f"data of tensor {name!r} ends past the end of the file ({size} bytes)")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise FeatCalError(f"corrupt or truncated safetensors header in {file}: {err}") from err
+    return header, 8 + length

@@ -3,25 +3,31 @@
 The merged checkpoint's tensors outside the blocks (embeddings, final norm, heads, anything the
 model does not know) are copied first, one source shard at a time; each block is written as
 its own shard as soon as it is calibrated, in the checkpoint's stored dtypes and names; the
-index, config.json and the tokenizer / processor files come last. The caller writes into a
-temporary directory and renames it when the run succeeds.
+index, config.json and the tokenizer / processor files come last. The caller writes into the
+partial output directory and renames it when the run succeeds. A resumed run keeps the shards
+already there: those outside the blocks when whole, and those of the finished blocks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import nn
 
+from ..errors import FeatCalError
 from ..models.lazy_model import LazyModel
 from .checkpoint import copy_companions
 from .sharded_writer import ShardedWriter
 
 
 class OutputCheckpoint:
-    """Writes the calibrated model into `directory`: `write` each block, then `finish`."""
+    """Writes the calibrated model into `directory`: `write` each block, then `finish`.
+    `finished`: the blocks (in forward order over the stages) whose shards a resumed run keeps."""
 
-    def __init__(self, merged: LazyModel, blocks: list[list[nn.Module]], directory: Path) -> None:
+    def __init__(
+        self, merged: LazyModel, blocks: list[list[nn.Module]], directory: Path, finished: int = 0
+    ) -> None:
         self.merged, self.blocks, self.directory = merged, blocks, Path(directory)
         checkpoint = merged.checkpoint
         in_blocks = {key for stage in blocks for block in stage for key in merged.stored_keys(block)}
@@ -33,12 +39,36 @@ class OutputCheckpoint:
         self.offsets = [sum(len(s) for s in blocks[:k]) for k in range(len(blocks))]
         self.writer = ShardedWriter(directory, len(rest) + sum(len(s) for s in blocks))
         for number, keys in enumerate(rest.values()):
-            self.writer.write_shard(number, checkpoint.read(keys))
+            if not self.writer.adopt_shard(number, keys):
+                self.writer.write_shard(number, checkpoint.read(keys))
+        flat = [(k, i) for k, stage in enumerate(blocks) for i in range(len(stage))]
+        for stage, index in flat[:finished]:
+            keys = merged.stored_keys(blocks[stage][index])
+            if not self.writer.adopt_shard(self._number(stage, index), keys):
+                raise FeatCalError(
+                    f"the partial output {self.directory} is damaged: the shard of "
+                    f"{self._file(stage, index).name} (a finished block) is missing, incomplete or holds "
+                    "other tensors; pass --overwrite to discard it and start over"
+                )
+
+    def _number(self, stage: int, index: int) -> int:
+        return self.first_block + self.offsets[stage] + index
+
+    def _file(self, stage: int, index: int) -> Path:
+        return self.directory / self.writer.shard_name(self._number(stage, index))
 
     def write(self, stage: int, index: int, block: nn.Module) -> None:
         """Write a calibrated block (a copy of skeleton block `index` of `stage`) as its shard."""
         tensors = self.merged.stored(self.blocks[stage][index], block)
-        self.writer.write_shard(self.first_block + self.offsets[stage] + index, tensors)
+        self.writer.write_shard(self._number(stage, index), tensors)
+
+    def read_into(self, stage: int, index: int, block: nn.Module) -> None:
+        """Copy a finished block's calibrated tensors from its shard into `block` (a copy of the
+        skeleton block, read from the merged checkpoint)."""
+        skeleton = self.blocks[stage][index]
+        with safe_open(self._file(stage, index), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in self.merged.stored_keys(skeleton)}
+        self.merged.load_stored(skeleton, block, tensors)
 
     def finish(self) -> None:
         """The index, and config.json, generation and tokenizer / processor files of the merged model."""

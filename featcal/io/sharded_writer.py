@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from ..errors import FeatCalError
 from .atomic_file import atomic_file
+from .lazy_checkpoint import read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -59,23 +60,28 @@ class ShardedWriter:
                 raise FeatCalError(
                     f"tensor {key!r} of shard {name} was already written in shard {self._weight_map[key]}"
                 )
-        prepared: dict[str, torch.Tensor] = {}
-        storages: set[int] = set()
-        for key, tensor in tensors.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            # safetensors refuses tensors that share memory (tied weights): save a copy instead.
-            storage = tensor.untyped_storage().data_ptr()
-            if storage in storages and tensor.numel():
-                tensor = tensor.clone()
-            storages.add(storage)
-            prepared[key] = tensor
-        needed = sum(t.numel() * t.element_size() for t in prepared.values())
-        with atomic_file(self.directory / name, needed) as tmp:
-            save_file(prepared, tmp, metadata=self.metadata)
+        sizes = save_tensors(self.directory / name, tensors, self.metadata)
+        self._add(number, sizes)
+
+    def adopt_shard(self, number: int, keys: Collection[str]) -> bool:
+        """Count shard `number` as written if its file is already there, whole, holding exactly
+        `keys` (a resumed run's shards); False, and nothing counted, if not."""
+        file = self.directory / self.shard_name(number)
+        try:
+            header, _ = read_header(file)
+        except (FeatCalError, OSError):
+            return False
+        header.pop("__metadata__", None)
+        if set(header) != set(keys) or number in self._written:
+            return False
+        self._add(number, {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()})
+        return True
+
+    def _add(self, number: int, sizes: dict[str, int]) -> None:
         self._written.add(number)
-        for key, tensor in prepared.items():
-            self._weight_map[key] = name
-            self._total_size += tensor.numel() * tensor.element_size()
+        for key, nbytes in sizes.items():
+            self._weight_map[key] = self.shard_name(number)
+            self._total_size += nbytes
 
     def finish(self) -> dict:
         """The index {"metadata": {"total_size": bytes}, "weight_map": {name: file}}, names sorted;
@@ -92,3 +98,21 @@ class ShardedWriter:
             with atomic_file(self.directory / INDEX_FILE) as tmp:
                 tmp.write_text(text)
         return index
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, int]:
+    """Write `tensors` as one safetensors file, durably (`atomic_file`); their sizes in bytes."""
+    prepared: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (tied weights): save a copy instead.
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages and tensor.numel():
+            tensor = tensor.clone()
+        storages.add(storage)
+        prepared[key] = tensor
+    sizes = {key: t.numel() * t.element_size() for key, t in prepared.items()}
+    with atomic_file(path, sum(sizes.values())) as tmp:
+        save_file(prepared, tmp, metadata=metadata)
+    return sizes

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 from ..sizes import human
+from .process_identity import ProcessIdentity
 
 PREFIX = "featcal-streams-"
 OWNER_FILE = "owner.json"
@@ -32,7 +32,7 @@ def make_stream_directory(parent: str | os.PathLike | None) -> Path:
         Path(parent).mkdir(parents=True, exist_ok=True)
     remove_stale(Path(parent) if parent is not None else Path(tempfile.gettempdir()))
     directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
-    (directory / OWNER_FILE).write_text(json.dumps(_owner(os.getpid())))
+    (directory / OWNER_FILE).write_text(json.dumps(ProcessIdentity.current().to_dict()))
     return directory
 
 
@@ -41,11 +41,10 @@ def remove_stale(parent: Path) -> list[Path]:
     removed = []
     for directory in parent.glob(PREFIX + "*"):
         try:
-            owner = json.loads((directory / OWNER_FILE).read_text())
-            pid, host, started = int(owner["pid"]), owner["host"], owner["started"]
+            owner = ProcessIdentity.from_dict(json.loads((directory / OWNER_FILE).read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if host != socket.gethostname() or _owner(pid).get("started") == started:
+        if not owner.gone():
             continue
         size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         shutil.rmtree(directory, ignore_errors=True)
@@ -54,29 +53,3 @@ def remove_stale(parent: Path) -> list[Path]:
         )
         removed.append(directory)
     return removed
-
-
-def _owner(pid: int) -> dict:
-    """Host, process id and start time (clock ticks since boot, from /proc; None where the
-    process does not exist or the platform cannot say)."""
-    return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid)}
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return int(fields[19])  # field 22 of stat, counted after the command name
-    except (OSError, IndexError, ValueError):
-        # Without /proc a live process's start is unknown (-1): it is never taken for stale.
-        return -1 if not os.path.isdir("/proc") and _alive(pid) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -201,6 +201,14 @@ class LazyModel:
                 out[key] = table[leaf].detach().to(self.checkpoint.dtype(key))
         return out
 
+    def load_stored(self, block: nn.Module, real: nn.Module, tensors: dict[str, Tensor]) -> None:
+        """The inverse of `stored`: copy `tensors` (checkpoint key -> tensor) into `real`."""
+        memo = dict(zip(map(id, block.modules()), real.modules()))
+        for key, owner, kind, leaf, _ in self._slots(block):
+            if key is not None:
+                table = memo[id(owner)]._buffers if kind == "buffer" else memo[id(owner)]._parameters
+                table[leaf].data.copy_(tensors[key])
+
     @contextmanager
     def front(self, backbone: nn.Module, blocks: Iterable[nn.Module], device: torch.device):
         """Fill `backbone`'s tensors outside `blocks` (embeddings, norms) for the duration."""

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..config import FeatCalConfig
-from ..errors import FeatCalError
-from ..io.checkpoint import atomic_directory, check_output, save_model
+from ..errors import FeatCalError, add_note
+from ..io.block_files import BlockFiles
 from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
 from ..models.modules import unknown_norms
@@ -41,8 +41,9 @@ from ..models.sources import ModelLike, ModelSource, device_of, open_source
 from ..sizes import parse_bytes
 from .checks import check_architecture, check_batches, check_tasks
 from .distributed import Collectives, DistributedError, open_collectives, process_device
-from .fingerprint import first_difference, run_fingerprint
+from .fingerprint import LOCAL_SETTINGS, first_difference, input_fingerprint, run_fingerprint, source_digest
 from .memory_plan import MemoryPlan, choose_placement, estimate
+from .partial_output import Manifest, PartialOutput, inspect
 from .phases import (
     BlockRun,
     accumulate,
@@ -54,6 +55,7 @@ from .phases import (
     new_sums,
     propagate,
     reduce,
+    replay_expert,
     solve,
 )
 from .plan import BlockPlan
@@ -85,6 +87,7 @@ def calibrate(
     device: str | torch.device | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> Calibrated:
     """Calibrate `merged` with FeatCal and return it with a report.
 
@@ -96,8 +99,14 @@ def calibrate(
     -> iterable of batches, each a tensor (the model's first input) or a dict of keyword inputs
     (`pixel_values`, or `input_ids` with `attention_mask`, ...). device: where blocks and streams
     run (default: the merged module's device; the CPU for a checkpoint). out: output checkpoint
-    directory (needed for a merged checkpoint; for a module, it is also saved there), written
-    under a temporary name and renamed when complete; `overwrite` replaces an existing one.
+    directory (needed for a merged checkpoint; for a module, it is also saved there), renamed
+    into place when complete; `overwrite` replaces an existing one.
+
+    Until then the finished blocks are kept in `out`.featcal-partial with a manifest, which an
+    interrupted run (an error, a signal, a kill) leaves behind; `resume` goes on from it (the
+    result is bit-identical to an uninterrupted run's) after checking that the data, settings,
+    models and featcal version are the ones it was made with; `overwrite` discards it. A run
+    given neither refuses to start while one is there.
 
     Inside an initialised torch.distributed process group (config.distributed), every process
     calls this with the same arguments: the work is spread over them, process 0 alone writes
@@ -107,7 +116,7 @@ def calibrate(
     cfg = config or FeatCalConfig()
     comm = open_collectives(cfg.distributed, cfg.distributed_timeout)
     try:
-        return _calibrate(merged, base, experts, data, cfg, device, out, overwrite, comm)
+        return _calibrate(merged, base, experts, data, cfg, device, out, overwrite, resume, comm)
     finally:
         comm.close()
 
@@ -121,6 +130,7 @@ def _calibrate(
     device: str | torch.device | None,
     out: str | os.PathLike | None,
     overwrite: bool,
+    resume: bool,
     comm: Collectives,
 ) -> Calibrated:
     if comm.rank != 0:
@@ -134,8 +144,9 @@ def _calibrate(
                 "the merged model is a checkpoint path: give out= (--out), the directory that "
                 "receives the calibrated blocks as they are done"
             )
-        if writes:
-            check_output(out, overwrite)
+        if resume and out is None:
+            raise FeatCalError("resume=True goes on from the partial output of out=: give out=")
+        previous = inspect(out, overwrite, resume) if writes else None
         student = open_source(merged, "merged model")
         if streamed and student.lazy is None:
             raise FeatCalError(f"the merged model {merged} must be a local directory of safetensors files")
@@ -160,21 +171,86 @@ def _calibrate(
     comm.set_work(work)  # a collective: after the check, so every process makes its groups
     local = {t: [batches[t][i] for i in mine[t]] for t in mine}
     measures = {t for t in mine if work.leader(t) == comm.rank}  # the leader holds batch 0
-    with comm.guard(), ExitStack() as stack:  # the guard: a failed rename, on process 0
-        tmp = stack.enter_context(atomic_directory(out, overwrite)) if writes else None
-        output = OutputCheckpoint(student.lazy, student.blocks, tmp) if streamed and writes else None
-        report = _run(
-            student, base_src, expert_srcs, local, measures, work, sizes, context, cfg, device, output, comm
-        )
-        with comm.step("writing the output"):
-            if output is not None:
-                output.finish()
-            if writes and not streamed:
-                save_model(merged, tmp)
-            if writes:
-                report.write_json(tmp / "featcal_report.json")
-    comm.check("renaming the output")  # every process returns once the output is in place
+    partial = _open_partial(out, resume, previous, cfg, batches, student, base_src, expert_srcs, comm)
+    kept = comm.check("reading the partial output", partial.manifest.finished if partial else [])[0]
+    finished = [BlockReport(**b) for b in kept]
+    try:
+        with comm.guard():  # process 0's writes
+            output = None
+            if partial is not None:
+                output = (
+                    OutputCheckpoint(student.lazy, student.blocks, partial.path, len(finished))
+                    if streamed
+                    else BlockFiles(student.model, student.blocks, partial.path)
+                )
+            written = _Output(output, partial, finished)
+            report = _run(
+                student,
+                base_src,
+                expert_srcs,
+                local,
+                measures,
+                work,
+                sizes,
+                context,
+                cfg,
+                device,
+                written,
+                comm,
+            )
+            with comm.step("writing the output"):
+                if partial is not None:
+                    output.finish()
+                    report.write_json(partial.path / "featcal_report.json")
+                    partial.complete()
+        comm.check("renaming the output")  # every process returns once the output is in place
+    except BaseException as err:
+        if partial is not None and partial.path.exists():
+            if partial.finished == 0:
+                partial.discard()  # nothing worth resuming
+            else:
+                add_note(err, partial.note())
+        raise
     return Calibrated(Path(out) if streamed else merged, report)
+
+
+def _open_partial(
+    out: str | os.PathLike | None,
+    resume: bool,
+    previous: Manifest | None,
+    cfg: FeatCalConfig,
+    batches: dict[str, list],
+    student: ModelSource,
+    base: ModelSource,
+    experts: dict[str, ModelSource],
+    comm: Collectives,
+) -> PartialOutput | None:
+    """Process 0's partial output of `out` (None elsewhere, and without `out`): begun afresh, or
+    taken over from `previous` when it was made from the same inputs."""
+    if out is None:
+        return None
+    digests: dict[str, str] = {}
+    with comm.guard():
+        digests = {t: source_digest(s) for t, s in experts.items()}
+    digests = {t: d for mine in comm.check("fingerprinting the experts", digests) for t, d in mine.items()}
+    partial = None
+    with comm.step("opening the partial output"):
+        if comm.rank == 0:
+            from .. import __version__
+
+            manifest = Manifest(
+                featcal_version=__version__,
+                settings={k: v for k, v in cfg.to_dict().items() if k not in LOCAL_SETTINGS},
+                tasks=list(batches),
+                inputs=input_fingerprint(batches, student, base, digests),
+                blocks_per_stage=[len(blocks) for blocks in student.blocks],
+            )
+            partial = PartialOutput.start(out, manifest, previous)
+            if resume and previous is None:
+                log.warning(
+                    "nothing to resume from (no finished block in %s): the run starts afresh", partial.path
+                )
+    return partial
 
 
 def _check_agreement(fingerprints: list, comm: Collectives) -> None:
@@ -200,7 +276,7 @@ def _run(
     context: int,
     cfg: FeatCalConfig,
     device: torch.device,
-    output: OutputCheckpoint | None,
+    written: _Output,
     comm: Collectives,
 ) -> CalibrationReport:
     started = time.perf_counter()
@@ -229,11 +305,13 @@ def _run(
         plans = comm.check("planning memory", plan.to_dict())
         if cfg.progress:
             print(_describe_plans(plans), file=sys.stderr)
-        blocks: list[BlockReport] = []
-        bar = tqdm(
-            total=sum(len(b) for b in student.blocks), desc="featcal: blocks", disable=not cfg.progress
-        )
+        blocks = list(written.finished)
+        done, total = len(blocks), sum(len(b) for b in student.blocks)
+        resumed_from = _resumed_from(student, done) if done else None
+        bar = tqdm(total=total, initial=done, desc="featcal: blocks", disable=not cfg.progress)
         for stage in range(len(student.stages)):
+            if stage > 0 and done == total:
+                break  # every block is finished: stage 0's capture gave the token counts
             with comm.step(f"capturing the {student.stage_name(stage) or 'first'} block inputs"):
                 captured = capture_stage(stage, student, experts, batches, state, cfg, device, measures)
                 state.end_stage(captured)
@@ -242,12 +320,25 @@ def _run(
                 tasks_info = {t: {"batches": len(work.tokens[t]), "tokens": tokens[t]} for t in work.tokens}
             for index in range(len(student.blocks[stage])):
                 block_started = time.perf_counter()
+                finished = sum(len(b) for b in student.blocks[:stage]) + index < done
+                if finished and done == total:
+                    continue
                 with student.block(stage, index, device) as block:
-                    report = _calibrate_block(
-                        stage, index, block, student, base, experts, state, tokens, cfg, device, output, comm
-                    )
+                    run = _block_run(student, stage, index, block, cfg, device)
+                    if finished:
+                        _replay_block(run, stage, block, experts, state, written.store, comm)
+                    else:
+                        report = _calibrate_block(run, stage, block, base, experts, state, tokens, comm)
+                        report.index, report.seconds = len(blocks), time.perf_counter() - block_started
+                        with comm.guard():
+                            if written.partial is not None:
+                                written.store.write(stage, index, block)
+                                written.partial.record(asdict(report), str(run.where))
+                        comm.check(f"writing {run.where}")
                 del block  # a block read from disk is freed before the next one is read
-                report.index, report.seconds = len(blocks), time.perf_counter() - block_started
+                if finished:
+                    resumed_from["replay_seconds"] += time.perf_counter() - block_started
+                    continue
                 blocks.append(report)
                 bar.update()
                 if report.drift_calibrated is not None:
@@ -290,25 +381,37 @@ def _run(
         memory_plan=plan.to_dict(),
         warnings=_merge_warnings([messages for messages, _, _ in ranks]),
         distributed=distributed,
+        resumed_from=resumed_from,
     )
 
 
-def _calibrate_block(
-    stage: int,
-    index: int,
-    block: nn.Module,
-    student: ModelSource,
-    base: ModelSource,
-    experts: dict[str, ModelSource],
-    state: RunState,
-    tokens: dict[str, int],
-    cfg: FeatCalConfig,
-    device: torch.device,
-    output: OutputCheckpoint | None,
-    comm: Collectives,
-) -> BlockReport:
-    """The phases of one block, in order (see the module docstring)."""
-    run = BlockRun(
+class _Output(NamedTuple):
+    """Where process 0 puts each finished block (None elsewhere, and without an output
+    directory), and the reports of the blocks a resumed run keeps."""
+
+    store: OutputCheckpoint | BlockFiles | None
+    partial: PartialOutput | None
+    finished: list[BlockReport]
+
+
+def _resumed_from(student: ModelSource, done: int) -> dict:
+    """The report's `resumed_from`: the first block left to calibrate (None, None when every
+    block was finished), the blocks kept, and the seconds their replay takes."""
+    stage, block = None, None
+    left = done
+    for k, blocks in enumerate(student.blocks):
+        if left < len(blocks):
+            stage, block = k, left
+            break
+        left -= len(blocks)
+    name = None if stage is None else student.stage_name(stage)
+    return {"stage": name, "block": block, "finished_before": done, "replay_seconds": 0.0}
+
+
+def _block_run(
+    student: ModelSource, stage: int, index: int, block: nn.Module, cfg: FeatCalConfig, device: torch.device
+) -> BlockRun:
+    return BlockRun(
         adapter=student.stages[stage],
         index=index,
         num_blocks=len(student.blocks[stage]),
@@ -317,6 +420,48 @@ def _calibrate_block(
         dtype=ops.accumulator_dtype(next(block.parameters()).dtype),
         device=device,
     )
+
+
+def _replay_block(
+    run: BlockRun,
+    stage: int,
+    block: nn.Module,
+    experts: dict[str, ModelSource],
+    state: RunState,
+    store: OutputCheckpoint | BlockFiles | None,
+    comm: Collectives,
+) -> None:
+    """A block an earlier run finished, forward only: each expert block on its stream, the
+    merged `block` as given on the drift examples; then its calibrated values from the partial
+    output (process 0's, sent to the others) on the student streams."""
+    with comm.guard():
+        for task, s in state.tasks.items():
+            with experts[task].block(stage, run.index, run.device) as expert_block:
+                replay_expert(run, expert_block, s)
+            if s.drift is not None:
+                measure_merged(run, block, s)
+        if store is not None:
+            store.read_into(stage, run.index, block)
+    comm.check(f"replaying {run.where}")
+    params = [p.data for p in block.parameters()]
+    comm.broadcast_from(0, params, f"sharing the finished {run.where} from rank 0")
+    with comm.guard():
+        for s in state.tasks.values():
+            propagate(run, block, s)
+
+
+def _calibrate_block(
+    run: BlockRun,
+    stage: int,
+    block: nn.Module,
+    base: ModelSource,
+    experts: dict[str, ModelSource],
+    state: RunState,
+    tokens: dict[str, int],
+    comm: Collectives,
+) -> BlockReport:
+    """The phases of one block, in order (see the module docstring)."""
+    index, cfg, device = run.index, run.config, run.device
     work = comm.work
     assert work is not None
     report = BlockReport(index=index, seconds=0.0, stage=run.where.stage)
@@ -361,7 +506,7 @@ def _calibrate_block(
     _solve_shared(run, stage, system, plan, block, base, owners, comm)
     del system
 
-    last = index == run.num_blocks - 1 and stage == len(student.stages) - 1
+    last = index == run.num_blocks - 1 and run.adapter.encdec.next_stage is None
     calibrated_drift: dict[str, float] = {}
     with comm.guard():
         for task, s in state.tasks.items():
@@ -369,8 +514,6 @@ def _calibrate_block(
                 propagate(run, block, s)
             if s.drift is not None:
                 calibrated_drift[task] = measure_calibrated(run, block, s, propagated=not last)
-        if output is not None:
-            output.write(stage, index, block)
     drifts = comm.check(f"propagating {run.where}", (merged_drift, calibrated_drift))
     if cfg.drift_examples != 0:
         for task in work.tokens:

@@ -49,6 +49,9 @@ class CalibrationReport:
     memory_plan: dict | None = None
     warnings: list[str] = field(default_factory=list)
     distributed: DistributedReport | None = None
+    # A resumed run: the first block it calibrated (stage name, index; None when the earlier
+    # run had finished them all), the blocks it kept, and the seconds of their replay.
+    resumed_from: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +70,12 @@ class CalibrationReport:
             f"{len(self.tasks)} tasks, {tokens} tokens, {len(self.blocks)} blocks on {self.device} "
             f"in {self.wall_seconds:.1f} s"
         )
+        if self.resumed_from is not None:
+            r = self.resumed_from
+            lines.append(
+                f"resumed with {r['finished_before']} finished blocks kept (replayed in "
+                f"{r['replay_seconds']:.1f} s)"
+            )
         if self.distributed is not None:
             d = self.distributed
             waited = max(r["communication_seconds"] for r in d.ranks)

@@ -1,0 +1,334 @@
+"""An interrupted run goes on from its partial output, bit-identical to an uninterrupted run.
+
+The killed runs are `featcal calibrate` subprocesses on a streamed 6-block Llama, stopped at a
+chosen point by a SIGKILL or SIGTERM that the process sends itself (KILLER); the resumes check
+the output against an uninterrupted run bit for bit, and the report's `resumed_from`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import T5, make_data, make_experts
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from featcal import FeatCalConfig, FeatCalError, calibrate, task_arithmetic
+from featcal.cli import main
+from featcal.data import save_calibration_file
+from featcal.io.lazy_checkpoint import LazyCheckpoint
+from featcal.pipeline.partial_output import MANIFEST_FILE, partial_path
+
+BLOCKS = 6
+
+# argv: POINT COUNT SIGNAL featcal-arguments...; the COUNTth time the run reaches POINT it is signalled.
+KILLER = """
+import os, signal, sys
+import featcal.io.sharded_writer as writer
+import featcal.pipeline.driver as driver
+import featcal.pipeline.stage_inputs as stage_inputs
+from featcal.cli import main
+from featcal.pipeline.partial_output import PartialOutput
+
+point, count, signum = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+calls = []
+
+def hit():
+    calls.append(1)
+    if len(calls) == count:
+        os.kill(os.getpid(), signum)
+
+def after(owner, name):
+    real = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        hit()
+        return result
+    setattr(owner, name, wrapped)
+
+def before(owner, name):
+    real = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        hit()
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+def half_written(tensors, filename, metadata=None):
+    real_save(tensors, filename, metadata=metadata)
+    if len(calls) + 1 == count:
+        os.truncate(filename, os.path.getsize(filename) // 2)
+    hit()
+
+if point == "recorded":
+    after(PartialOutput, "record")
+elif point == "solve":
+    before(driver, "solve")
+elif point == "capture":
+    before(stage_inputs, "capture_first_block_inputs")
+elif point == "shard":
+    real_save, writer.save_file = writer.save_file, half_written
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """base/, t0/, t1/, merged/ (Task Arithmetic) of a 6-block Llama, and a data file per task."""
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    base = LlamaForCausalLM(config).eval()
+    experts = dict(zip(("t0", "t1"), make_experts(base, 2).values()))
+    base.save_pretrained(root / "base")
+    for task, expert in experts.items():
+        expert.save_pretrained(root / task)
+    task_arithmetic(base, experts, 0.3).save_pretrained(root / "merged")
+    gen = torch.Generator().manual_seed(3)
+    for task in experts:
+        ids = torch.randint(0, 100, (8, 12), generator=gen)
+        save_calibration_file(
+            root / f"{task}.safetensors", {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+    reference = root / "reference"
+    assert main(_args(root, reference)) == 0
+    return root, list(experts), reference
+
+
+def _args(root, out, experts=("t0", "t1"), data=None, offload=None):
+    data = data or {t: root / f"{t}.safetensors" for t in experts}
+    args = ["calibrate", "--base", str(root / "base"), "--merged", str(root / "merged"), "--out", str(out)]
+    args += ["--quiet", "--batch-size", "4", "--experts", *[f"{t}={root / t}" for t in experts]]
+    args += ["--data", *[f"{t}={p}" for t, p in data.items()]]
+    if offload is not None:
+        args += ["--streams", "disk", "--offload-dir", str(offload)]
+    return args
+
+
+def _killed(point: str, count: int, signum: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, point, str(count), signum, *args], capture_output=True, text=True
+    )
+
+
+def _finished(out) -> int:
+    return len(json.loads((partial_path(out) / MANIFEST_FILE).read_text())["finished"])
+
+
+def _same_weights(a, b) -> bool:
+    left, right = LazyCheckpoint(a), LazyCheckpoint(b)
+    x, y = left.read(left.keys()), right.read(right.keys())
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _report(out) -> dict:
+    return json.loads((out / "featcal_report.json").read_text())
+
+
+def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_output(llama, tmp_path):
+    root, _, reference = llama
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    args = _args(root, out, offload=offload)
+
+    run = _killed("recorded", 2, "SIGKILL", args)  # just after block 1 is recorded
+    assert run.returncode == -signal.SIGKILL and _finished(out) == 2
+    assert [p.name.startswith("featcal-streams-") for p in offload.iterdir()] == [True]  # left by the kill
+
+    run = _killed("capture", 3, "SIGKILL", args + ["--resume"])  # inside the resumed run's capture
+    assert run.returncode == -signal.SIGKILL and _finished(out) == 2
+    assert len(list(offload.iterdir())) == 1  # the stale streams of the first kill were removed
+
+    run = _killed("solve", 2, "SIGKILL", args + ["--resume"])  # in block 3's solve
+    assert run.returncode == -signal.SIGKILL and _finished(out) == 3
+
+    run = _killed("shard", 2, "SIGKILL", args + ["--resume"])  # block 4's shard half written
+    assert run.returncode == -signal.SIGKILL and _finished(out) == 4
+    assert any(p.name.endswith(".tmp") for p in partial_path(out).iterdir())
+
+    assert main(args + ["--resume"]) == 0
+    assert _same_weights(out, reference)
+    assert not partial_path(out).exists() and list(offload.iterdir()) == []
+    resumed = _report(out)["resumed_from"]
+    assert (resumed["stage"], resumed["block"], resumed["finished_before"]) == (None, 4, 4)
+    assert [b["index"] for b in _report(out)["blocks"]] == list(range(BLOCKS))
+    kept = [b["drift_calibrated"] for b in _report(out)["blocks"]]
+    assert kept == [b["drift_calibrated"] for b in _report(reference)["blocks"]]
+
+
+def test_sigterm_leaves_a_resumable_partial_output_and_says_how_to_go_on(llama, tmp_path):
+    root, _, reference = llama
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    args = _args(root, out, offload=offload)
+    run = _killed("recorded", 3, "SIGTERM", args)
+    assert run.returncode == 143, run.stderr
+    assert "featcal: stopped by SIGTERM: the run was abandoned cleanly" in run.stderr
+    assert (
+        f"{partial_path(out)} keeps the finished blocks (3 of 6 blocks finished, up to block 2)" in run.stderr
+    )
+    assert "run the same command with --resume to go on" in run.stderr and "Traceback" not in run.stderr
+    assert list(offload.iterdir()) == [] and _finished(out) == 3
+
+    assert main(args + ["--resume"]) == 0
+    assert _same_weights(out, reference) and _report(out)["resumed_from"]["block"] == 3
+
+
+@pytest.fixture
+def interrupted(llama, tmp_path, monkeypatch):
+    """A partial output with blocks 0 and 1 finished: the run failed in block 2's solve."""
+    import featcal.pipeline.driver as driver
+
+    root, _, _ = llama
+    out = tmp_path / "out"
+    real, calls = driver.solve, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FeatCalError("a failure in block 2's solve")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "solve", failing)
+    with pytest.raises(FeatCalError, match="block 2's solve") as caught:
+        calibrate(
+            root / "merged",
+            base=root / "base",
+            experts={t: root / t for t in ("t0", "t1")},
+            data=_data(root),
+            config=FeatCalConfig(progress=False),
+            out=out,
+        )
+    monkeypatch.setattr(driver, "solve", real)
+    assert caught.value.__notes__ == [
+        f"the partial output {partial_path(out)} keeps the finished blocks (2 of 6 blocks finished, up to "
+        "block 1): run the same command with --resume to go on from there"
+    ]
+    return out
+
+
+def _data(root, tasks=("t0", "t1")):
+    from featcal.io.data_files import load_calibration_file
+
+    return {t: load_calibration_file(root / f"{t}.safetensors", 4) for t in tasks}
+
+
+def test_a_partial_output_is_reported_and_refused_without_resume(llama, interrupted, capsys):
+    root, _, reference = llama
+    assert main(_args(root, interrupted)) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{partial_path(interrupted)} holds an interrupted run of this output (2 of 6 blocks finished" in err
+    )
+    assert "with --resume to go on from there, or with --overwrite to discard it" in err
+    assert main(_args(root, interrupted) + ["--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+    assert main(_args(root, interrupted) + ["--overwrite"]) == 0  # discards it and starts over
+    assert _same_weights(interrupted, reference) and _report(interrupted)["resumed_from"] is None
+
+
+def test_resume_is_refused_for_other_data_settings_or_experts(llama, interrupted, tmp_path, capsys):
+    root, _, reference = llama
+    other = tmp_path / "other.safetensors"
+    ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(9))
+    save_calibration_file(other, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    changed = tmp_path / "t1"
+    shutil.copytree(root / "t1", changed)
+    expert = LlamaForCausalLM.from_pretrained(changed)
+    with torch.no_grad():
+        expert.model.layers[3].mlp.up_proj.weight.mul_(1.01)
+    expert.save_pretrained(changed)
+
+    cases = {
+        "this run's calibration data of task 't1' is not the one its run was given": _args(
+            root, interrupted, data={"t0": root / "t0.safetensors", "t1": other}
+        ),
+        "its run had lambda_ratio=0.05, this one has lambda_ratio=0.1": _args(root, interrupted)
+        + ["--lambda-ratio", "0.1"],
+        "this run's expert 't1' is not the one its run was given": [
+            f"t1={changed}" if a == f"t1={root / 't1'}" else a for a in _args(root, interrupted)
+        ],
+    }
+    for message, args in cases.items():
+        assert main(args + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot resume from {partial_path(interrupted)}: {message}" in err, err
+        assert "pass --overwrite instead of --resume" in err and _finished(interrupted) == 2
+
+    assert main(_args(root, interrupted) + ["--resume"]) == 0
+    assert _same_weights(interrupted, reference)
+
+
+def test_a_damaged_partial_output_is_refused(llama, interrupted, capsys):
+    root, _, _ = llama
+    (partial_path(interrupted) / MANIFEST_FILE).write_text("{not json")
+    assert main(_args(root, interrupted) + ["--resume"]) == 2
+    assert "is not a resumable partial output (featcal_manifest.json:" in capsys.readouterr().err
+
+
+def test_a_partial_output_of_a_live_run_is_left_alone(llama, interrupted, capsys):
+    root, _, _ = llama
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from featcal.io.process_identity import ProcessIdentity
+
+        manifest = json.loads((partial_path(interrupted) / MANIFEST_FILE).read_text())
+        manifest["owner"] = ProcessIdentity.of(live.pid).to_dict()
+        (partial_path(interrupted) / MANIFEST_FILE).write_text(json.dumps(manifest))
+        assert main(_args(root, interrupted) + ["--overwrite"]) == 2
+        assert f"is being written by a featcal run that is still going (process {live.pid}" in (
+            capsys.readouterr().err
+        )
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_t5_resumed_inside_the_decoder_replays_the_encoder(tmp_path, monkeypatch):
+    """In memory (the partial output keeps one file per block); 2 encoder and 2 decoder blocks."""
+    import featcal.pipeline.driver as driver
+
+    base = T5.build(0).double()
+    experts = make_experts(base, 2)
+    merged = task_arithmetic(base, experts, 0.3)
+    data = make_data(T5, list(experts))
+    cfg = FeatCalConfig(progress=False)
+    whole, whole_report = calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg)
+
+    real, calls = driver.solve, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # decoder block 1
+            raise FeatCalError("a failure in the decoder")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "solve", failing)
+    out = tmp_path / "out"
+    with pytest.raises(FeatCalError, match="in the decoder"):
+        calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out)
+    monkeypatch.setattr(driver, "solve", real)
+    assert _finished(out) == 3
+
+    model, report = calibrate(
+        copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out, resume=True
+    )
+    assert report.resumed_from["stage"] == "t5-decoder" and report.resumed_from["block"] == 1
+    want = whole.state_dict()
+    assert all(torch.equal(value, want[key]) for key, value in model.state_dict().items())
+    saved = LazyCheckpoint(out)
+    assert not (out / "blocks").exists()
+    assert all(torch.equal(t, want[k]) for k, t in saved.read([k for k in saved.keys() if k in want]).items())
+    assert [b.drift_calibrated for b in report.blocks] == [b.drift_calibrated for b in whole_report.blocks]
