@@ -101,6 +101,32 @@ def streamed(root: Path, rank: int, distributed: str):
     return _result(LLAMA, type(merged).from_pretrained(path), report), report
 
 
+def streamed_resumed(root: Path, rank: int, distributed: str):
+    """`streamed`, stopped by a failure on the last process in block 1 (of 2), then resumed."""
+    import featcal.pipeline.driver as driver
+
+    _, experts, merged, data = _inputs(LLAMA, torch.float32)
+    measure, out = driver.measure_calibrated, root / f"out-resumed-{distributed}"
+
+    def failing(run, *args, **kwargs):
+        if run.index == 1 and rank == dist.get_world_size() - 1:
+            raise FeatCalError("a failure in block 1")
+        return measure(run, *args, **kwargs)
+
+    driver.measure_calibrated = failing
+    models = {"base": root / "base", "experts": {t: root / t for t in experts}, "data": data}
+    cfg = FeatCalConfig(progress=False, distributed=distributed)
+    try:
+        calibrate(root / "merged", **models, config=cfg, out=out)
+    except FeatCalError as err:
+        assert "a failure in block 1" in str(err), err
+    finally:
+        driver.measure_calibrated = measure
+    path, report = calibrate(root / "merged", **models, config=cfg, out=out, resume=True)
+    assert report.resumed_from["block"] == 1, report.resumed_from
+    return _result(LLAMA, type(merged).from_pretrained(path), report), report
+
+
 def nan_in_last_task(root: Path, rank: int, distributed: str):
     """Every process is given the same data, with a NaN in the last task's batch (another process's)."""
     base, experts, merged, data = _inputs(CLIP_VISION, torch.float64)
@@ -168,6 +194,7 @@ CASES = {
     "idle": in_memory("llama", torch.float64, batches=(1, 1)),  # with 3 processes, rank 1 idles
     "first_idle": in_memory("clip", torch.float64, batches=(1,)),  # rank 0 idles
     "streamed": streamed,
+    "streamed_resumed": streamed_resumed,
     "nan": nan_in_last_task,
     "other_data": other_data_on_rank_1,
     "dies": rank_1_dies,
@@ -200,15 +227,15 @@ def _worker(rank: int, world: int, cases: list[str], root: str, bucket: int | No
             try:
                 result, report = CASES[case](root_path, rank, "on")
             except FeatCalError as err:
-                stem.with_suffix(".json").write_text(json.dumps({"error": str(err)}))
+                Path(f"{stem}.json").write_text(json.dumps({"error": str(err)}))
                 continue
             except Exception:
-                stem.with_suffix(".json").write_text(json.dumps({"crash": traceback.format_exc()}))
+                Path(f"{stem}.json").write_text(json.dumps({"crash": traceback.format_exc()}))
                 raise
             save_file(result, str(stem) + ".safetensors")
             summary = {"distributed": None if report.distributed is None else report.distributed.__dict__}
             summary["tasks"] = report.tasks
-            stem.with_suffix(".json").write_text(json.dumps(summary, default=str))
+            Path(f"{stem}.json").write_text(json.dumps(summary, default=str))
     finally:
         dist.destroy_process_group()
 
@@ -235,6 +262,6 @@ def run_world(
 def outcome(root: Path, case: str, rank: int) -> tuple[dict | None, dict]:
     """A process's tensors (None after an error) and its JSON summary or error."""
     stem = root / f"{case}.rank{rank}"
-    summary = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    summary = json.loads(Path(f"{stem}.json").read_text()) if Path(f"{stem}.json").exists() else {}
     tensors = Path(str(stem) + ".safetensors")
     return (load_file(tensors) if tensors.exists() else None), summary

@@ -23,8 +23,10 @@ from tiny_models import LLAMA
 
 from featcal.cli import main
 from featcal.io.data_files import save_calibration_file
+from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "first_idle", "streamed"]
+RESUMED = ["streamed_resumed"]
 FAILING = ["nan", "other_data", "unreadable"]
 TOLERANCE = {"clip32": 1e-5, "streamed": 1e-5}
 
@@ -34,7 +36,7 @@ def worlds(tmp_path_factory):
     """world size -> the directory its processes wrote their results into."""
     roots = {}
     # With 3 processes every tensor of 64 elements or more travels alone, bands of A included.
-    for world, cases, bucket in ((2, ALL + FAILING, None), (3, ALL, 64)):
+    for world, cases, bucket in ((2, ALL + RESUMED + FAILING, None), (3, ALL + RESUMED, 64)):
         root = tmp_path_factory.mktemp(f"world{world}")
         write_checkpoints(root)
         assert run_world(world, cases, root, bucket=bucket) == [0] * world
@@ -86,6 +88,17 @@ def test_streamed_output_is_written_once_and_whole(worlds):
     root = worlds[2]
     assert (root / "out-on" / "featcal_report.json").is_file()
     assert not list(root.glob(".*partial*"))
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(worlds):
+    """A failure on the last process in block 1 stops the run; resumed over the same processes
+    (the blocks kept come from process 0's partial output), the output is bit-identical."""
+    for world, root in worlds.items():
+        whole, resumed = LazyCheckpoint(root / "out-on"), LazyCheckpoint(root / "out-resumed-on")
+        assert whole.keys() == resumed.keys()
+        assert all(torch.equal(whole.read([k])[k], resumed.read([k])[k]) for k in whole.keys())
+        for rank in range(world):
+            assert outcome(root, "streamed_resumed", rank)[0] is not None
 
 
 def test_a_nan_on_another_process_stops_every_process(worlds):
