@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import T5, make_data, make_experts
+from tiny_models import LLAMA, T5, make_data, make_experts, setup
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from featcal import FeatCalConfig, FeatCalError, calibrate, task_arithmetic
@@ -27,7 +27,9 @@ from featcal.pipeline.partial_output import MANIFEST_FILE, partial_path
 
 BLOCKS = 6
 
-# argv: POINT COUNT SIGNAL featcal-arguments...; the COUNTth time the run reaches POINT it is signalled.
+# argv: POINT COUNT SIGNAL SNAPSHOTS featcal-arguments...; the COUNTth time the run reaches POINT
+# it is signalled. SNAPSHOTS: after which finished blocks stream snapshots are taken: "all",
+# "none", "first" (the first block this run finishes).
 KILLER = """
 import os, signal, sys
 import featcal.io.sharded_writer as writer
@@ -35,9 +37,11 @@ import featcal.pipeline.driver as driver
 import featcal.pipeline.stage_inputs as stage_inputs
 from featcal.cli import main
 from featcal.pipeline.partial_output import PartialOutput
+from featcal.pipeline.stream_snapshot import SnapshotPolicy
 
-point, count, signum = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+point, count, signum, snapshots = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
 calls = []
+SnapshotPolicy.due = lambda self: snapshots == "all" or (snapshots == "first" and self.last_cost is None)
 
 def hit():
     calls.append(1)
@@ -61,6 +65,8 @@ def before(owner, name):
 
 def half_written(tensors, filename, metadata=None):
     real_save(tensors, filename, metadata=metadata)
+    if not os.path.basename(filename).startswith(".model-"):  # a stream snapshot's file
+        return
     if len(calls) + 1 == count:
         os.truncate(filename, os.path.getsize(filename) // 2)
     hit()
@@ -73,7 +79,7 @@ elif point == "capture":
     before(stage_inputs, "capture_first_block_inputs")
 elif point == "shard":
     real_save, writer.save_file = writer.save_file, half_written
-sys.exit(main(sys.argv[4:]))
+sys.exit(main(sys.argv[5:]))
 """
 
 
@@ -118,14 +124,19 @@ def _args(root, out, experts=("t0", "t1"), data=None, offload=None):
     return args
 
 
-def _killed(point: str, count: int, signum: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", KILLER, point, str(count), signum, *args], capture_output=True, text=True
-    )
+def _killed(
+    point: str, count: int, signum: str, snapshots: str, args: list[str]
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", KILLER, point, str(count), signum, snapshots, *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def _manifest(out) -> dict:
+    return json.loads((partial_path(out) / MANIFEST_FILE).read_text())
 
 
 def _finished(out) -> int:
-    return len(json.loads((partial_path(out) / MANIFEST_FILE).read_text())["finished"])
+    return len(_manifest(out)["finished"])
 
 
 def _same_weights(a, b) -> bool:
@@ -143,26 +154,32 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_output(llama, 
     out, offload = tmp_path / "out", tmp_path / "offload"
     args = _args(root, out, offload=offload)
 
-    run = _killed("recorded", 2, "SIGKILL", args)  # just after block 1 is recorded
+    run = _killed("recorded", 2, "SIGKILL", "first", args)  # just after block 1 is recorded
     assert run.returncode == -signal.SIGKILL and _finished(out) == 2
+    assert _manifest(out)["snapshot"] == "streams-00001"  # the streams after block 0
     assert [p.name.startswith("featcal-streams-") for p in offload.iterdir()] == [True]  # left by the kill
 
-    run = _killed("capture", 3, "SIGKILL", args + ["--resume"])  # inside the resumed run's capture
+    # Inside the resumed run's capture (the snapshot is read after it, block 1 replayed).
+    run = _killed("capture", 3, "SIGKILL", "none", args + ["--resume"])
     assert run.returncode == -signal.SIGKILL and _finished(out) == 2
     assert len(list(offload.iterdir())) == 1  # the stale streams of the first kill were removed
 
-    run = _killed("solve", 2, "SIGKILL", args + ["--resume"])  # in block 3's solve
+    run = _killed("solve", 2, "SIGKILL", "none", args + ["--resume"])  # in block 3's solve
     assert run.returncode == -signal.SIGKILL and _finished(out) == 3
+    assert _manifest(out)["snapshot"] == "streams-00001"
 
-    run = _killed("shard", 2, "SIGKILL", args + ["--resume"])  # block 4's shard half written
+    run = _killed("shard", 2, "SIGKILL", "all", args + ["--resume"])  # block 4's shard half written
     assert run.returncode == -signal.SIGKILL and _finished(out) == 4
     assert any(p.name.endswith(".tmp") for p in partial_path(out).iterdir())
+    assert _manifest(out)["snapshot"] == "streams-00004"
+    assert [p.name for p in partial_path(out).glob("streams-*")] == ["streams-00004"]
 
     assert main(args + ["--resume"]) == 0
     assert _same_weights(out, reference)
     assert not partial_path(out).exists() and list(offload.iterdir()) == []
     resumed = _report(out)["resumed_from"]
     assert (resumed["stage"], resumed["block"], resumed["finished_before"]) == (None, 4, 4)
+    assert resumed["restored_from_snapshot"] == 4
     assert [b["index"] for b in _report(out)["blocks"]] == list(range(BLOCKS))
     kept = [b["drift_calibrated"] for b in _report(out)["blocks"]]
     assert kept == [b["drift_calibrated"] for b in _report(reference)["blocks"]]
@@ -172,7 +189,7 @@ def test_sigterm_leaves_a_resumable_partial_output_and_says_how_to_go_on(llama, 
     root, _, reference = llama
     out, offload = tmp_path / "out", tmp_path / "offload"
     args = _args(root, out, offload=offload)
-    run = _killed("recorded", 3, "SIGTERM", args)
+    run = _killed("recorded", 3, "SIGTERM", "none", args)
     assert run.returncode == 143, run.stderr
     assert "featcal: stopped by SIGTERM: the run was abandoned cleanly" in run.stderr
     assert (
@@ -181,8 +198,9 @@ def test_sigterm_leaves_a_resumable_partial_output_and_says_how_to_go_on(llama, 
     assert "run the same command with --resume to go on" in run.stderr and "Traceback" not in run.stderr
     assert list(offload.iterdir()) == [] and _finished(out) == 3
 
-    assert main(args + ["--resume"]) == 0
-    assert _same_weights(out, reference) and _report(out)["resumed_from"]["block"] == 3
+    assert main(args + ["--resume"]) == 0  # no snapshot: blocks 0-2 are replayed
+    resumed = _report(out)["resumed_from"]
+    assert _same_weights(out, reference) and resumed["block"] == 3 and "restored_from_snapshot" not in resumed
 
 
 @pytest.fixture
@@ -332,3 +350,82 @@ def test_t5_resumed_inside_the_decoder_replays_the_encoder(tmp_path, monkeypatch
     assert not (out / "blocks").exists()
     assert all(torch.equal(t, want[k]) for k, t in saved.read([k for k in saved.keys() if k in want]).items())
     assert [b.drift_calibrated for b in report.blocks] == [b.drift_calibrated for b in whole_report.blocks]
+
+
+def test_a_snapshot_that_cannot_be_written_only_costs_replay(llama, tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+
+    import featcal.io.sharded_writer as sharded_writer
+    import featcal.pipeline.driver as driver
+
+    root, _, reference = llama
+    real_save, real_solve, solves = sharded_writer.save_file, driver.solve, []
+
+    def full_for_snapshots(tensors, filename, metadata=None):
+        if not os.path.basename(filename).startswith(".model-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(tensors, filename, metadata=metadata)
+
+    def failing(*args, **kwargs):
+        solves.append(1)
+        if len(solves) == 4:
+            raise FeatCalError("a failure in block 3")
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(sharded_writer, "save_file", full_for_snapshots)
+    monkeypatch.setattr(driver, "solve", failing)
+    out = tmp_path / "out"
+    models = dict(base=root / "base", experts={t: root / t for t in ("t0", "t1")}, data=_data(root))
+    cfg = FeatCalConfig(progress=False)
+    with caplog.at_level("WARNING", logger="featcal"), pytest.raises(FeatCalError, match="block 3"):
+        calibrate(root / "merged", **models, config=cfg, out=out)
+    assert "no stream snapshot after 1 blocks (a resumed run replays more)" in caplog.text
+    assert _finished(out) == 3 and _manifest(out)["snapshot"] is None
+    assert not list(partial_path(out).glob("*streams*"))
+
+    monkeypatch.setattr(driver, "solve", real_solve)
+    _, report = calibrate(root / "merged", **models, config=cfg, out=out, resume=True)
+    assert report.resumed_from["block"] == 3 and "restored_from_snapshot" not in report.resumed_from
+    assert _same_weights(out, reference)
+
+
+@pytest.mark.parametrize("stop", ["solve", "saving"])
+def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, stop):
+    """In memory: stopped in block 1 (block 0 comes back from the stream snapshot, not replayed),
+    or while saving after the last block (nothing is replayed); the module returned and the
+    output saved equal an uninterrupted run's either way."""
+    import featcal.io.block_files as block_files
+    import featcal.pipeline.driver as driver
+
+    base, experts, merged, data = setup(LLAMA, tasks=2)
+    cfg = FeatCalConfig(progress=False)
+    whole, _ = calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg)
+
+    owner, name = (driver, "solve") if stop == "solve" else (block_files.BlockFiles, "finish")
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 or stop == "saving":
+            raise FeatCalError("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    out = tmp_path / "out"
+    with pytest.raises(FeatCalError, match="stopped"):
+        calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out)
+    monkeypatch.setattr(owner, name, real)
+    assert _finished(out) == (1 if stop == "solve" else 2)
+
+    model, report = calibrate(
+        copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out, resume=True
+    )
+    if stop == "solve":
+        assert report.resumed_from["restored_from_snapshot"] == 1 and report.resumed_from["block"] == 1
+    else:
+        assert report.resumed_from["block"] is None and report.resumed_from["finished_before"] == 2
+    want = whole.state_dict()
+    assert all(torch.equal(value, want[key]) for key, value in model.state_dict().items())
+    saved = LazyCheckpoint(out)
+    assert all(torch.equal(t, want[k]) for k, t in saved.read([k for k in saved.keys() if k in want]).items())

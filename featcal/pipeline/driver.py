@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..config import FeatCalConfig
-from ..errors import FeatCalError, add_note
+from ..errors import FeatCalError, Location, add_note
 from ..io.block_files import BlockFiles
 from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
@@ -63,6 +63,7 @@ from .report import BlockReport, CalibrationReport, DistributedReport, peak_cpu_
 from .solver import BlockSystem
 from .stage_inputs import capture_stage, examples
 from .state import RunState
+from .stream_snapshot import SnapshotPolicy, read_snapshot, write_snapshot
 from .work import WorkPlan, solve_owners, split_work
 
 log = logging.getLogger("featcal")
@@ -308,6 +309,8 @@ def _run(
         blocks = list(written.finished)
         done, total = len(blocks), sum(len(b) for b in student.blocks)
         resumed_from = _resumed_from(student, done) if done else None
+        snapshots, snapshot_seconds = _takes_snapshots(student, written, comm), 0.0
+        policy, restored = SnapshotPolicy(), 0  # restored: blocks whose streams a snapshot gave
         bar = tqdm(total=total, initial=done, desc="featcal: blocks", disable=not cfg.progress)
         for stage in range(len(student.stages)):
             if stage > 0 and done == total:
@@ -318,10 +321,23 @@ def _run(
             tokens = _sum_counts(comm.check("counting tokens", {t: s.tokens for t, s in state.tasks.items()}))
             if stage == 0:
                 tasks_info = {t: {"batches": len(work.tokens[t]), "tokens": tokens[t]} for t in work.tokens}
+            manifest = written.partial.manifest if written.partial else None
+            if snapshots and manifest.snapshot is not None and done < total:
+                restore_started = time.perf_counter()
+                read_snapshot(written.partial.path / manifest.snapshot, state)
+                restored = manifest.snapshot_finished
+                resumed_from["restored_from_snapshot"] = restored
+                resumed_from["restore_seconds"] = time.perf_counter() - restore_started
             for index in range(len(student.blocks[stage])):
                 block_started = time.perf_counter()
-                finished = sum(len(b) for b in student.blocks[:stage]) + index < done
-                if finished and done == total:
+                flat = sum(len(b) for b in student.blocks[:stage]) + index
+                finished = flat < done
+                if finished and (done == total or flat < restored):
+                    if student.lazy is None:  # the returned module gets every calibrated block
+                        with student.block(stage, index, device) as block:
+                            _restore_block(
+                                student.where(stage, index), stage, index, block, written.store, comm
+                            )
                     continue
                 with student.block(stage, index, device) as block:
                     run = _block_run(student, stage, index, block, cfg, device)
@@ -333,7 +349,13 @@ def _run(
                         with comm.guard():
                             if written.partial is not None:
                                 written.store.write(stage, index, block)
-                                written.partial.record(asdict(report), str(run.where))
+                                snapshot = None
+                                if snapshots and flat + 1 < total and policy.due():
+                                    snapshot_started = time.perf_counter()
+                                    snapshot = _snapshot(written.partial, flat + 1, state)
+                                    policy.taken(time.perf_counter() - snapshot_started)
+                                    snapshot_seconds += policy.last_cost
+                                written.partial.record(asdict(report), str(run.where), snapshot)
                         comm.check(f"writing {run.where}")
                 del block  # a block read from disk is freed before the next one is read
                 if finished:
@@ -382,6 +404,7 @@ def _run(
         warnings=_merge_warnings([messages for messages, _, _ in ranks]),
         distributed=distributed,
         resumed_from=resumed_from,
+        snapshot_seconds=snapshot_seconds,
     )
 
 
@@ -394,9 +417,26 @@ class _Output(NamedTuple):
     finished: list[BlockReport]
 
 
+def _takes_snapshots(student: ModelSource, written: _Output, comm: Collectives) -> bool:
+    """Whether this run keeps stream snapshots in its partial output (see stream_snapshot.py)."""
+    one_stage = len(student.stages) == 1 and student.adapter.encdec.later_arguments is None
+    return written.partial is not None and comm.world == 1 and one_stage
+
+
+def _snapshot(partial: PartialOutput, finished: int, state: RunState) -> str | None:
+    """A stream snapshot after `finished` blocks, or None when it cannot be written: it only
+    spares a resumed run some replay, so the run goes on without it."""
+    try:
+        return write_snapshot(partial.path, finished, state)
+    except FeatCalError as err:
+        log.warning("no stream snapshot after %d blocks (a resumed run replays more): %s", finished, err)
+        return None
+
+
 def _resumed_from(student: ModelSource, done: int) -> dict:
     """The report's `resumed_from`: the first block left to calibrate (None, None when every
-    block was finished), the blocks kept, and the seconds their replay takes."""
+    block was finished), the blocks kept, the seconds their replay took and, when the streams
+    came from a snapshot, after how many blocks it was taken and the seconds reading it took."""
     stage, block = None, None
     left = done
     for k, blocks in enumerate(student.blocks):
@@ -432,22 +472,37 @@ def _replay_block(
     comm: Collectives,
 ) -> None:
     """A block an earlier run finished, forward only: each expert block on its stream, the
-    merged `block` as given on the drift examples; then its calibrated values from the partial
-    output (process 0's, sent to the others) on the student streams."""
+    merged `block` as given on the drift examples; then, its calibrated values restored, the
+    block on the student streams."""
     with comm.guard():
         for task, s in state.tasks.items():
             with experts[task].block(stage, run.index, run.device) as expert_block:
                 replay_expert(run, expert_block, s)
             if s.drift is not None:
                 measure_merged(run, block, s)
-        if store is not None:
-            store.read_into(stage, run.index, block)
     comm.check(f"replaying {run.where}")
-    params = [p.data for p in block.parameters()]
-    comm.broadcast_from(0, params, f"sharing the finished {run.where} from rank 0")
+    _restore_block(run.where, stage, run.index, block, store, comm)
     with comm.guard():
         for s in state.tasks.values():
             propagate(run, block, s)
+
+
+def _restore_block(
+    where: Location,
+    stage: int,
+    index: int,
+    block: nn.Module,
+    store: OutputCheckpoint | BlockFiles | None,
+    comm: Collectives,
+) -> None:
+    """A finished block's calibrated values into `block`: read by process 0 from the partial
+    output, broadcast to the others."""
+    with comm.guard():
+        if store is not None:
+            store.read_into(stage, index, block)
+    comm.check(f"reading the finished {where}")
+    params = [p.data for p in block.parameters()]
+    comm.broadcast_from(0, params, f"sharing the finished {where} from rank 0")
 
 
 def _calibrate_block(

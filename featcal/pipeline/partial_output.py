@@ -52,6 +52,8 @@ class Manifest:
     owner: dict = field(default_factory=lambda: ProcessIdentity.current().to_dict())
     finished: list[dict] = field(default_factory=list)  # BlockReport dicts, in forward order
     last_finished: str | None = None  # e.g. "t5-decoder block 2"
+    snapshot: str | None = None  # the directory of the latest stream snapshot (stream_snapshot.py)
+    snapshot_finished: int = 0  # the blocks finished when it was taken
     format: int = FORMAT
 
     @property
@@ -151,9 +153,11 @@ class PartialOutput:
                     f"cannot resume from {path}: {why}; pass --overwrite instead of --resume to discard it "
                     "and start over"
                 )
-            for leftover in path.rglob(".*.tmp"):  # a write that a kill interrupted
-                leftover.unlink()
-            manifest.finished, manifest.last_finished = previous.finished, previous.last_finished
+            for leftover in [*path.rglob(".*.tmp"), *path.glob("streams-*")]:
+                if leftover.name != previous.snapshot:  # a write that a kill interrupted
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            for name in ("finished", "last_finished", "snapshot", "snapshot_finished"):
+                setattr(manifest, name, getattr(previous, name))
             manifest.write(path)
             return partial
         if path.exists():
@@ -171,14 +175,22 @@ class PartialOutput:
     def finished(self) -> int:
         return len(self.manifest.finished)
 
-    def record(self, report: dict, where: str) -> None:
-        """A block is finished: its file is durable; the manifest now says so."""
-        self.manifest.finished.append(report)
-        self.manifest.last_finished = where
-        self.manifest.write(self.path)
+    def record(self, report: dict, where: str, snapshot: str | None = None) -> None:
+        """A block is finished: its file (and a new stream `snapshot` taken after it) is durable;
+        the manifest now says so, and the previous snapshot goes."""
+        manifest, old = self.manifest, self.manifest.snapshot
+        manifest.finished.append(report)
+        manifest.last_finished = where
+        if snapshot is not None:
+            manifest.snapshot, manifest.snapshot_finished = snapshot, len(manifest.finished)
+        manifest.write(self.path)
+        if snapshot is not None and old is not None:
+            shutil.rmtree(self.path / old, ignore_errors=True)
 
     def complete(self) -> None:
-        """The output is whole: the manifest goes and the directory becomes `out`."""
+        """The output is whole: the manifest and the stream snapshot go, the directory becomes `out`."""
+        if self.manifest.snapshot is not None:
+            shutil.rmtree(self.path / self.manifest.snapshot)
         (self.path / MANIFEST_FILE).unlink()
         install_directory(self.path, self.out)
 

@@ -52,6 +52,7 @@ class CalibrationReport:
     # A resumed run: the first block it calibrated (stage name, index; None when the earlier
     # run had finished them all), the blocks it kept, and the seconds of their replay.
     resumed_from: dict | None = None
+    snapshot_seconds: float = 0.0  # spent writing stream snapshots into the partial output
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +73,10 @@ class CalibrationReport:
         )
         if self.resumed_from is not None:
             r = self.resumed_from
+            restored = r.get("restored_from_snapshot", 0)
             lines.append(
-                f"resumed with {r['finished_before']} finished blocks kept (replayed in "
-                f"{r['replay_seconds']:.1f} s)"
+                f"resumed with {r['finished_before']} finished blocks kept ({restored} from a stream "
+                f"snapshot, the others replayed in {r['replay_seconds']:.1f} s)"
             )
         if self.distributed is not None:
             d = self.distributed
