@@ -18,6 +18,10 @@ class NonFiniteError(FeatCalError):
     """NaN or Inf reached the statistics of a module."""
 
 
+class DamagedOutputError(FeatCalError):
+    """A partial output's files are missing or unreadable: it cannot be resumed."""
+
+
 def add_note(err: BaseException, note: str) -> None:
     """Attach a line to an error, which the `featcal` command prints after its message
     (`BaseException.add_note`, which Python 3.10 lacks)."""

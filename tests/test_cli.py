@@ -271,7 +271,7 @@ def test_a_signal_stops_the_run_cleanly(disk, tmp_path, capsys, monkeypatch, sig
     err = capsys.readouterr().err
     assert f"featcal: stopped by {signal.Signals(signum).name}: the run was abandoned cleanly" in err
     assert f"{out}.featcal-partial keeps the finished blocks (1 of 3 blocks finished" in err
-    assert "run the same command with --resume to go on" in err
+    assert "run the same command with --resume (without --overwrite) to go on" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["offload", "out.featcal-partial"]
     assert list(offload.iterdir()) == []

@@ -79,6 +79,9 @@ elif point == "capture":
     before(stage_inputs, "capture_first_block_inputs")
 elif point == "shard":
     real_save, writer.save_file = writer.save_file, half_written
+elif point == "snapshot":
+    import featcal.pipeline.stream_snapshot as stream_snapshot
+    before(stream_snapshot, "save_tensors")
 sys.exit(main(sys.argv[5:]))
 """
 
@@ -156,7 +159,7 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_output(llama, 
 
     run = _killed("recorded", 2, "SIGKILL", "first", args)  # just after block 1 is recorded
     assert run.returncode == -signal.SIGKILL and _finished(out) == 2
-    assert _manifest(out)["snapshot"] == "streams-00001"  # the streams after block 0
+    assert _manifest(out)["snapshot"] == "featcal-snapshot-00001"  # the streams after block 0
     assert [p.name.startswith("featcal-streams-") for p in offload.iterdir()] == [True]  # left by the kill
 
     # Inside the resumed run's capture (the snapshot is read after it, block 1 replayed).
@@ -166,13 +169,13 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_output(llama, 
 
     run = _killed("solve", 2, "SIGKILL", "none", args + ["--resume"])  # in block 3's solve
     assert run.returncode == -signal.SIGKILL and _finished(out) == 3
-    assert _manifest(out)["snapshot"] == "streams-00001"
+    assert _manifest(out)["snapshot"] == "featcal-snapshot-00001"
 
     run = _killed("shard", 2, "SIGKILL", "all", args + ["--resume"])  # block 4's shard half written
     assert run.returncode == -signal.SIGKILL and _finished(out) == 4
     assert any(p.name.endswith(".tmp") for p in partial_path(out).iterdir())
-    assert _manifest(out)["snapshot"] == "streams-00004"
-    assert [p.name for p in partial_path(out).glob("streams-*")] == ["streams-00004"]
+    assert _manifest(out)["snapshot"] == "featcal-snapshot-00004"
+    assert [p.name for p in partial_path(out).glob("featcal-snapshot-*")] == ["featcal-snapshot-00004"]
 
     assert main(args + ["--resume"]) == 0
     assert _same_weights(out, reference)
@@ -195,7 +198,10 @@ def test_sigterm_leaves_a_resumable_partial_output_and_says_how_to_go_on(llama, 
     assert (
         f"{partial_path(out)} keeps the finished blocks (3 of 6 blocks finished, up to block 2)" in run.stderr
     )
-    assert "run the same command with --resume to go on" in run.stderr and "Traceback" not in run.stderr
+    assert (
+        "run the same command with --resume (without --overwrite) to go on" in run.stderr
+        and "Traceback" not in run.stderr
+    )
     assert list(offload.iterdir()) == [] and _finished(out) == 3
 
     assert main(args + ["--resume"]) == 0  # no snapshot: blocks 0-2 are replayed
@@ -231,7 +237,7 @@ def interrupted(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "solve", real)
     assert caught.value.__notes__ == [
         f"the partial output {partial_path(out)} keeps the finished blocks (2 of 6 blocks finished, up to "
-        "block 1): run the same command with --resume to go on from there"
+        "block 1): run the same command with --resume (without --overwrite) to go on from there"
     ]
     return out
 
@@ -347,7 +353,7 @@ def test_t5_resumed_inside_the_decoder_replays_the_encoder(tmp_path, monkeypatch
     want = whole.state_dict()
     assert all(torch.equal(value, want[key]) for key, value in model.state_dict().items())
     saved = LazyCheckpoint(out)
-    assert not (out / "blocks").exists()
+    assert not (out / "featcal-blocks").exists()
     assert all(torch.equal(t, want[k]) for k, t in saved.read([k for k in saved.keys() if k in want]).items())
     assert [b.drift_calibrated for b in report.blocks] == [b.drift_calibrated for b in whole_report.blocks]
 
@@ -382,7 +388,7 @@ def test_a_snapshot_that_cannot_be_written_only_costs_replay(llama, tmp_path, mo
         calibrate(root / "merged", **models, config=cfg, out=out)
     assert "no stream snapshot after 1 blocks (a resumed run replays more)" in caplog.text
     assert _finished(out) == 3 and _manifest(out)["snapshot"] is None
-    assert not list(partial_path(out).glob("*streams*"))
+    assert not list(partial_path(out).glob("featcal-snapshot-*"))
 
     monkeypatch.setattr(driver, "solve", real_solve)
     _, report = calibrate(root / "merged", **models, config=cfg, out=out, resume=True)
@@ -390,19 +396,19 @@ def test_a_snapshot_that_cannot_be_written_only_costs_replay(llama, tmp_path, mo
     assert _same_weights(out, reference)
 
 
-@pytest.mark.parametrize("stop", ["solve", "saving"])
-def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, stop):
+@pytest.mark.parametrize("family, stop", [(LLAMA, "solve"), (LLAMA, "saving"), (T5, "saving")])
+def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, family, stop):
     """In memory: stopped in block 1 (block 0 comes back from the stream snapshot, not replayed),
-    or while saving after the last block (nothing is replayed); the module returned and the
-    output saved equal an uninterrupted run's either way."""
+    or while saving after the last block (nothing is replayed; T5: in both stages); the module
+    returned and the output saved equal an uninterrupted run's either way."""
     import featcal.io.block_files as block_files
     import featcal.pipeline.driver as driver
 
-    base, experts, merged, data = setup(LLAMA, tasks=2)
+    base, experts, merged, data = setup(family, tasks=2)
     cfg = FeatCalConfig(progress=False)
     whole, _ = calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg)
 
-    owner, name = (driver, "solve") if stop == "solve" else (block_files.BlockFiles, "finish")
+    owner, name = (driver, "solve") if stop == "solve" else (block_files.ModuleOutput, "finish")
     real, calls = getattr(owner, name), []
 
     def failing(*args, **kwargs):
@@ -416,7 +422,8 @@ def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, sto
     with pytest.raises(FeatCalError, match="stopped"):
         calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out)
     monkeypatch.setattr(owner, name, real)
-    assert _finished(out) == (1 if stop == "solve" else 2)
+    total = 4 if family is T5 else 2
+    assert _finished(out) == (1 if stop == "solve" else total)
 
     model, report = calibrate(
         copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out, resume=True
@@ -424,8 +431,117 @@ def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, sto
     if stop == "solve":
         assert report.resumed_from["restored_from_snapshot"] == 1 and report.resumed_from["block"] == 1
     else:
-        assert report.resumed_from["block"] is None and report.resumed_from["finished_before"] == 2
+        assert report.resumed_from["block"] is None and report.resumed_from["finished_before"] == total
     want = whole.state_dict()
     assert all(torch.equal(value, want[key]) for key, value in model.state_dict().items())
     saved = LazyCheckpoint(out)
     assert all(torch.equal(t, want[k]) for k, t in saved.read([k for k in saved.keys() if k in want]).items())
+
+
+def test_a_kill_inside_a_snapshot_write_then_resume(llama, tmp_path):
+    """The half-written snapshot (a temporary directory) is removed; the previous one is used."""
+    root, _, reference = llama
+    out = tmp_path / "out"
+    args = _args(root, out)
+    run = _killed("snapshot", 13, "SIGKILL", "all", args)  # 10 files a snapshot: inside the second
+    assert run.returncode == -signal.SIGKILL and _finished(out) == 1
+    assert any(p.name.endswith(".tmp") and p.is_dir() for p in partial_path(out).iterdir())
+    assert main(args + ["--resume"]) == 0
+    assert _same_weights(out, reference) and _report(out)["resumed_from"]["restored_from_snapshot"] == 1
+    assert not any(p.name.startswith((".", "featcal-")) for p in out.iterdir())
+
+
+def test_a_stop_while_completing_leaves_a_resumable_partial_output(llama, tmp_path, monkeypatch):
+    import featcal.pipeline.partial_output as partial_output
+
+    root, _, reference = llama
+    out, real = tmp_path / "out", partial_output.sync_tree
+
+    def stopped(directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(partial_output, "sync_tree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(root, out))
+    monkeypatch.setattr(partial_output, "sync_tree", real)
+    assert _finished(out) == BLOCKS
+    assert main(_args(root, out) + ["--resume"]) == 0
+    assert _same_weights(out, reference) and _report(out)["resumed_from"]["block"] is None
+
+
+def test_a_run_begun_with_overwrite_is_resumed_with_resume(llama, tmp_path, monkeypatch):
+    import featcal.pipeline.driver as driver
+
+    root, _, reference = llama
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier output")
+    real, calls = driver.solve, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FeatCalError("a failure in block 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "solve", failing)
+    assert main(_args(root, out) + ["--overwrite"]) == 2
+    monkeypatch.setattr(driver, "solve", real)
+    assert (out / "old.txt").exists() and _finished(out) == 2
+    assert main(_args(root, out) + ["--resume"]) == 0
+    assert _same_weights(out, reference) and not (out / "old.txt").exists()
+
+
+def test_blocks_stored_narrower_than_they_are_calibrated_resume_exactly(llama, tmp_path, monkeypatch):
+    """A merged checkpoint whose MLP weights are bfloat16, the rest float32: blocks run in float32
+    and are stored rounded, so the partial output keeps their exact values for the replay."""
+    from safetensors.torch import load_file, save_file
+
+    import featcal.pipeline.driver as driver
+    from featcal.pipeline.stream_snapshot import SnapshotPolicy
+
+    root, experts, _ = llama
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "merged", mixed)
+    tensors = load_file(mixed / "model.safetensors")
+    tensors = {k: v.to(torch.bfloat16) if ".mlp." in k else v for k, v in tensors.items()}
+    save_file(tensors, mixed / "model.safetensors", metadata={"format": "pt"})
+    models = dict(base=root / "base", experts={t: root / t for t in experts}, data=_data(root))
+    cfg = FeatCalConfig(progress=False)
+    whole, _ = calibrate(mixed, **models, config=cfg, out=tmp_path / "whole")
+
+    monkeypatch.setattr(SnapshotPolicy, "due", lambda self: False)  # block 0 and 1 are replayed
+    real, calls = driver.solve, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FeatCalError("a failure in block 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "solve", failing)
+    with pytest.raises(FeatCalError, match="block 2"):
+        calibrate(mixed, **models, config=cfg, out=tmp_path / "out")
+    monkeypatch.setattr(driver, "solve", real)
+    assert len(list((partial_path(tmp_path / "out") / "featcal-exact-blocks").iterdir())) == 2
+    resumed, report = calibrate(mixed, **models, config=cfg, out=tmp_path / "out", resume=True)
+    assert report.resumed_from["block"] == 2 and _same_weights(resumed, whole)
+    assert not (resumed / "featcal-exact-blocks").exists()
+
+
+def test_resuming_elsewhere_warns(llama, interrupted, caplog):
+    """Another host's partial output is taken over, and other numerics are not bit-identical:
+    both are said."""
+    root, _, reference = llama
+    manifest = _manifest(interrupted)
+    manifest["owner"]["host"] = "another-host"
+    manifest["numerics"]["torch"] = "0.0"
+    (partial_path(interrupted) / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="featcal"):
+        assert main(_args(root, interrupted) + ["--resume"]) == 0
+    assert (
+        "was written by process" in caplog.text
+        and "on another-host: make sure that run has stopped" in caplog.text
+    )
+    assert "with torch '" in caplog.text and "where its run had '0.0'" in caplog.text
+    assert _same_weights(interrupted, reference)  # the same torch in truth

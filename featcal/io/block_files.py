@@ -1,34 +1,36 @@
-"""The finished blocks of an in-memory run with an output directory, one file each, so that an
-interrupted run can be resumed: `blocks/<n>.safetensors` (n: the block's place in forward order
-over the stages) holds the block's parameters by name, as they were calibrated. The whole model
-is saved with `save_pretrained` at the end, and the block files removed.
+"""Calibrated blocks kept one file each, exactly as they were calibrated, so that an interrupted
+run can be resumed: `<directory>/<n>.safetensors` (n: the block's place in forward order over
+the stages) holds the block's parameters by name. An in-memory run keeps every block so (the
+whole model is saved with `save_pretrained` at the end); a streamed run keeps those whose
+checkpoint stores them in a narrower dtype than they were calibrated in.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import FeatCalError
+from ..errors import DamagedOutputError, FeatCalError
 from .checkpoint import save_model
 from .sharded_writer import save_tensors
 
 
 class BlockFiles:
-    """Writes each calibrated block of `model` into `directory`/blocks: `write`, `read_into`, `finish`."""
+    """Calibrated blocks (of `blocks`, one list per stage) in `directory`: `write`, `read_into`."""
 
-    def __init__(self, model: nn.Module, blocks: list[list[nn.Module]], directory: Path) -> None:
-        self.model, self.directory = model, Path(directory)
+    def __init__(self, blocks: list[list[nn.Module]], directory: Path) -> None:
+        self.directory = Path(directory)
         self.offsets = [sum(len(s) for s in blocks[:k]) for k in range(len(blocks))]
-        self.blocks_directory = self.directory / "blocks"
-        self.blocks_directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
 
     def _file(self, stage: int, index: int) -> Path:
-        return self.blocks_directory / f"{self.offsets[stage] + index:05d}.safetensors"
+        return self.directory / f"{self.offsets[stage] + index:05d}.safetensors"
+
+    def has(self, stage: int, index: int) -> bool:
+        return self._file(stage, index).is_file()
 
     def write(self, stage: int, index: int, block: nn.Module) -> None:
         save_tensors(self._file(stage, index), dict(block.named_parameters()), {"format": "pt"})
@@ -47,12 +49,19 @@ class BlockFiles:
             param.data.copy_(tensors[name])
 
     def _damaged(self, file: Path, why) -> FeatCalError:
-        return FeatCalError(
-            f"the partial output {self.directory} is damaged: {file.name} (a finished block) cannot be "
-            f"read: {why}; pass --overwrite to discard it and start over"
+        return DamagedOutputError(
+            f"the partial output {self.directory.parent} is damaged: {file.name} in {self.directory.name} "
+            f"(a finished block) cannot be read: {why}; pass --overwrite to discard it and start over"
         )
 
+
+class ModuleOutput(BlockFiles):
+    """The output of an in-memory run: every block kept in `directory`/featcal-blocks until the
+    calibrated `model` is saved into `directory` (`finish`)."""
+
+    def __init__(self, model: nn.Module, blocks: list[list[nn.Module]], directory: Path) -> None:
+        super().__init__(blocks, Path(directory) / "featcal-blocks")
+        self.model, self.output = model, Path(directory)
+
     def finish(self) -> None:
-        """The whole calibrated model, saved with save_pretrained; the block files removed."""
-        save_model(self.model, self.directory)
-        shutil.rmtree(self.blocks_directory)
+        save_model(self.model, self.output)

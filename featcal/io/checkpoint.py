@@ -96,12 +96,22 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sync_tree(directory: Path) -> None:
+    """Flush every file and directory under `directory`, and itself, to the disk."""
+    for path in sorted(directory.rglob("*"), reverse=True):  # files, then the directories holding them
+        fsync_path(path)
+    fsync_path(directory)
+
+
 def install_directory(tmp: Path, out: Path) -> None:
     """Sync every file and directory under `tmp`, then rename it to `out` (replacing an existing
     `out`) and sync their parent: after a crash, `out` is the old or the complete new one."""
-    for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the directories holding them
-        fsync_path(path)
-    fsync_path(tmp)
+    sync_tree(tmp)
+    rename_directory(tmp, out)
+
+
+def rename_directory(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, replacing an existing `out`, and sync their parent."""
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         out.rename(old / out.name)

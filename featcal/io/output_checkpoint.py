@@ -15,8 +15,9 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import FeatCalError
+from ..errors import DamagedOutputError
 from ..models.lazy_model import LazyModel
+from .block_files import BlockFiles
 from .checkpoint import copy_companions
 from .sharded_writer import ShardedWriter
 
@@ -41,11 +42,12 @@ class OutputCheckpoint:
         for number, keys in enumerate(rest.values()):
             if not self.writer.adopt_shard(number, keys):
                 self.writer.write_shard(number, checkpoint.read(keys))
+        self.exact = BlockFiles(blocks, self.directory / "featcal-exact-blocks")
         flat = [(k, i) for k, stage in enumerate(blocks) for i in range(len(stage))]
         for stage, index in flat[:finished]:
             keys = merged.stored_keys(blocks[stage][index])
             if not self.writer.adopt_shard(self._number(stage, index), keys):
-                raise FeatCalError(
+                raise DamagedOutputError(
                     f"the partial output {self.directory} is damaged: the shard of "
                     f"{self._file(stage, index).name} (a finished block) is missing, incomplete or holds "
                     "other tensors; pass --overwrite to discard it and start over"
@@ -58,13 +60,21 @@ class OutputCheckpoint:
         return self.directory / self.writer.shard_name(self._number(stage, index))
 
     def write(self, stage: int, index: int, block: nn.Module) -> None:
-        """Write a calibrated block (a copy of skeleton block `index` of `stage`) as its shard."""
-        tensors = self.merged.stored(self.blocks[stage][index], block)
+        """Write a calibrated block (a copy of skeleton block `index` of `stage`) as its shard; a
+        block that its stored dtypes round is also kept exactly, for a resumed run to replay."""
+        skeleton = self.blocks[stage][index]
+        tensors = self.merged.stored(skeleton, block)
+        exact = self.merged.stored(skeleton, block, cast=False)
+        if any(tensors[key].dtype != value.dtype for key, value in exact.items()):
+            self.exact.write(stage, index, block)
         self.writer.write_shard(self._number(stage, index), tensors)
 
     def read_into(self, stage: int, index: int, block: nn.Module) -> None:
-        """Copy a finished block's calibrated tensors from its shard into `block` (a copy of the
-        skeleton block, read from the merged checkpoint)."""
+        """Copy a finished block's calibrated tensors from its shard (or its exact copy) into
+        `block` (a copy of the skeleton block, read from the merged checkpoint)."""
+        if self.exact.has(stage, index):
+            self.exact.read_into(stage, index, block)
+            return
         skeleton = self.blocks[stage][index]
         with safe_open(self._file(stage, index), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in self.merged.stored_keys(skeleton)}

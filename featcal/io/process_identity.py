@@ -2,7 +2,9 @@
 
 The start time (clock ticks since boot, /proc/PID/stat field 22) tells a live owner from a
 newer process that reuses its id. Directories that a run owns (disk streams, the partial
-output) record `ProcessIdentity.current()`; a later run asks `gone()` before touching them.
+output) record `ProcessIdentity.current()`; a later run removes stale disk streams whose owner
+is `gone()` and leaves alone a partial output whose owner is `running()`. Neither can be told
+of a process of another host.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@
                             then measure the merged model's drift
             solve and write the block
             for each task:  propagate, measure the calibrated drift
-            write the block to the output checkpoint
+            write the block into the partial output (and maybe a stream snapshot), record it
 
-The phases are the functions of `featcal.pipeline.phases`; the streams between them are owned
-by a `RunState`.
+A resumed run (docs/algorithm.md s.11) restores the streams from a snapshot, or replays the
+blocks an earlier run finished forward only, and goes on. The phases are the functions of
+`featcal.pipeline.phases`; the streams between them are owned by a `RunState`.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..config import FeatCalConfig
-from ..errors import FeatCalError, Location, add_note
-from ..io.block_files import BlockFiles
+from ..errors import DamagedOutputError, FeatCalError, Location, add_note
+from ..io.block_files import ModuleOutput
 from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
 from ..models.modules import unknown_norms
@@ -162,27 +163,30 @@ def _calibrate(
         fingerprint = run_fingerprint(cfg, batches, student, base_src) if comm.world > 1 else None
     _check_agreement(comm.check("comparing the inputs of the processes", fingerprint), comm)
 
-    with comm.step("probing the batch sizes"):
-        sizes, context = _batch_sizes(student, batches, device)
-        work = split_work({t: [n * k for n, k, _ in sizes[t]] for t in tasks}, comm.world)
-        mine = work.batches[comm.rank]
-        expert_srcs = {t: open_source(experts[t], f"expert {t!r}", student.dtype) for t in mine}
-        for source in expert_srcs.values():
-            check_architecture(student, source)
-    comm.set_work(work)  # a collective: after the check, so every process makes its groups
-    local = {t: [batches[t][i] for i in mine[t]] for t in mine}
-    measures = {t for t in mine if work.leader(t) == comm.rank}  # the leader holds batch 0
-    partial = _open_partial(out, resume, previous, cfg, batches, student, base_src, expert_srcs, comm)
-    kept = comm.check("reading the partial output", partial.manifest.finished if partial else [])[0]
-    finished = [BlockReport(**b) for b in kept]
+    partial = None
     try:
+        with comm.step("probing the batch sizes"):
+            sizes, context = _batch_sizes(student, batches, device)
+            work = split_work({t: [n * k for n, k, _ in sizes[t]] for t in tasks}, comm.world)
+            mine = work.batches[comm.rank]
+            expert_srcs = {t: open_source(experts[t], f"expert {t!r}", student.dtype) for t in mine}
+            for source in expert_srcs.values():
+                check_architecture(student, source)
+        comm.set_work(work)  # a collective: after the check, so every process makes its groups
+        local = {t: [batches[t][i] for i in mine[t]] for t in mine}
+        measures = {t for t in mine if work.leader(t) == comm.rank}  # the leader holds batch 0
+        partial = _open_partial(
+            out, resume, previous, cfg, batches, student, base_src, expert_srcs, device, comm
+        )
+        kept = comm.check("reading the partial output", partial.manifest.finished if partial else [])[0]
+        finished = [BlockReport(**b) for b in kept]
         with comm.guard():  # process 0's writes
             output = None
             if partial is not None:
                 output = (
                     OutputCheckpoint(student.lazy, student.blocks, partial.path, len(finished))
                     if streamed
-                    else BlockFiles(student.model, student.blocks, partial.path)
+                    else ModuleOutput(student.model, student.blocks, partial.path)
                 )
             written = _Output(output, partial, finished)
             report = _run(
@@ -206,13 +210,25 @@ def _calibrate(
                     partial.complete()
         comm.check("renaming the output")  # every process returns once the output is in place
     except BaseException as err:
-        if partial is not None and partial.path.exists():
-            if partial.finished == 0:
-                partial.discard()  # nothing worth resuming
-            else:
-                add_note(err, partial.note())
+        _keep_or_discard(err, partial, out, previous)
         raise
     return Calibrated(Path(out) if streamed else merged, report)
+
+
+def _keep_or_discard(
+    err: BaseException, partial: PartialOutput | None, out, previous: Manifest | None
+) -> None:
+    """After a run stopped: a partial output without a finished block is discarded; one with
+    some is kept, and the error says how to resume (not when it is damaged, or when the run was
+    refused before it took the partial output over)."""
+    if partial is None and previous is not None and isinstance(err, KeyboardInterrupt):
+        partial = PartialOutput(Path(out), previous)  # stopped before taking it over
+    if partial is None or not partial.path.exists() or isinstance(err, DamagedOutputError):
+        return
+    if partial.finished == 0:
+        partial.discard()  # nothing worth resuming
+    else:
+        add_note(err, partial.note())
 
 
 def _open_partial(
@@ -224,6 +240,7 @@ def _open_partial(
     student: ModelSource,
     base: ModelSource,
     experts: dict[str, ModelSource],
+    device: torch.device,
     comm: Collectives,
 ) -> PartialOutput | None:
     """Process 0's partial output of `out` (None elsewhere, and without `out`): begun afresh, or
@@ -245,6 +262,11 @@ def _open_partial(
                 tasks=list(batches),
                 inputs=input_fingerprint(batches, student, base, digests),
                 blocks_per_stage=[len(blocks) for blocks in student.blocks],
+                numerics={
+                    "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+                    "torch": torch.__version__,
+                    "backends": ops.backend_info(),
+                },
             )
             partial = PartialOutput.start(out, manifest, previous)
             if resume and previous is None:
@@ -312,22 +334,21 @@ def _run(
         snapshots, snapshot_seconds = _takes_snapshots(student, written, comm), 0.0
         policy, restored = SnapshotPolicy(), 0  # restored: blocks whose streams a snapshot gave
         bar = tqdm(total=total, initial=done, desc="featcal: blocks", disable=not cfg.progress)
-        for stage in range(len(student.stages)):
-            if stage > 0 and done == total:
-                break  # every block is finished: stage 0's capture gave the token counts
+
+        def capture(stage: int) -> None:
             with comm.step(f"capturing the {student.stage_name(stage) or 'first'} block inputs"):
-                captured = capture_stage(stage, student, experts, batches, state, cfg, device, measures)
-                state.end_stage(captured)
-            tokens = _sum_counts(comm.check("counting tokens", {t: s.tokens for t, s in state.tasks.items()}))
+                state.end_stage(capture_stage(stage, student, experts, batches, state, cfg, device, measures))
+
+        for stage in range(len(student.stages)):
+            if stage == 0 or done < total:  # else every block is finished: stage 0 gave the token counts
+                capture(stage)
+                tokens = _sum_counts(
+                    comm.check("counting tokens", {t: s.tokens for t, s in state.tasks.items()})
+                )
             if stage == 0:
                 tasks_info = {t: {"batches": len(work.tokens[t]), "tokens": tokens[t]} for t in work.tokens}
-            manifest = written.partial.manifest if written.partial else None
-            if snapshots and manifest.snapshot is not None and done < total:
-                restore_started = time.perf_counter()
-                read_snapshot(written.partial.path / manifest.snapshot, state)
-                restored = manifest.snapshot_finished
-                resumed_from["restored_from_snapshot"] = restored
-                resumed_from["restore_seconds"] = time.perf_counter() - restore_started
+                if snapshots and written.partial.manifest.snapshot is not None and done < total:
+                    restored = _restore_streams(written.partial, state, resumed_from, lambda: capture(0))
             for index in range(len(student.blocks[stage])):
                 block_started = time.perf_counter()
                 flat = sum(len(b) for b in student.blocks[:stage]) + index
@@ -412,7 +433,7 @@ class _Output(NamedTuple):
     """Where process 0 puts each finished block (None elsewhere, and without an output
     directory), and the reports of the blocks a resumed run keeps."""
 
-    store: OutputCheckpoint | BlockFiles | None
+    store: OutputCheckpoint | ModuleOutput | None
     partial: PartialOutput | None
     finished: list[BlockReport]
 
@@ -423,12 +444,27 @@ def _takes_snapshots(student: ModelSource, written: _Output, comm: Collectives) 
     return written.partial is not None and comm.world == 1 and one_stage
 
 
+def _restore_streams(partial: PartialOutput, state: RunState, resumed_from: dict, capture) -> int:
+    """The streams of the partial output's snapshot into `state`; the blocks finished when it was
+    taken. A snapshot that cannot be read only costs replay: `capture` starts the stage again."""
+    started, manifest = time.perf_counter(), partial.manifest
+    try:
+        read_snapshot(partial.path / manifest.snapshot, state)
+    except FeatCalError as err:
+        log.warning("%s; the finished blocks are replayed instead", err)
+        capture()
+        return 0
+    resumed_from["restored_from_snapshot"] = manifest.snapshot_finished
+    resumed_from["restore_seconds"] = time.perf_counter() - started
+    return manifest.snapshot_finished
+
+
 def _snapshot(partial: PartialOutput, finished: int, state: RunState) -> str | None:
     """A stream snapshot after `finished` blocks, or None when it cannot be written: it only
     spares a resumed run some replay, so the run goes on without it."""
     try:
         return write_snapshot(partial.path, finished, state)
-    except FeatCalError as err:
+    except (FeatCalError, OSError) as err:
         log.warning("no stream snapshot after %d blocks (a resumed run replays more): %s", finished, err)
         return None
 
@@ -468,7 +504,7 @@ def _replay_block(
     block: nn.Module,
     experts: dict[str, ModelSource],
     state: RunState,
-    store: OutputCheckpoint | BlockFiles | None,
+    store: OutputCheckpoint | ModuleOutput | None,
     comm: Collectives,
 ) -> None:
     """A block an earlier run finished, forward only: each expert block on its stream, the
@@ -492,7 +528,7 @@ def _restore_block(
     stage: int,
     index: int,
     block: nn.Module,
-    store: OutputCheckpoint | BlockFiles | None,
+    store: OutputCheckpoint | ModuleOutput | None,
     comm: Collectives,
 ) -> None:
     """A finished block's calibrated values into `block`: read by process 0 from the partial

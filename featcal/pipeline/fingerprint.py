@@ -71,8 +71,9 @@ def input_fingerprint(
 def source_digest(source: ModelSource) -> str:
     """Digest of a model. A checkpoint read lazily: its config.json, and each shard's name, size,
     header (names, dtypes, shapes, offsets, metadata) and SAMPLES pieces of SAMPLE_BYTES spread
-    evenly over its data. A module: each parameter's name, shape, dtype and up to SAMPLES * 16
-    of its values, evenly spaced. Cheap for any size; an edit that keeps all of these is missed."""
+    evenly over its data. A module: each parameter's name, shape, dtype and SAMPLES * 16 (1024)
+    of its values, evenly spaced (all of a smaller one). Cheap for any size; an edit that keeps
+    all of these is missed."""
     h = hashlib.blake2b(digest_size=16)
     if source.lazy is not None:
         checkpoint = source.lazy.checkpoint
@@ -92,7 +93,7 @@ def source_digest(source: ModelSource) -> str:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // (SAMPLES * 16))
         h.update(f"{name}{tuple(p.shape)}{p.dtype};".encode())
-        h.update(_bytes(flat[::step]))
+        h.update(_bytes(flat[::step][: SAMPLES * 16]))
     return h.hexdigest()
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from ..errors import FeatCalError
 from ..io.atomic_file import atomic_file, fsync_path
-from ..io.checkpoint import check_output, install_directory
+from ..io.checkpoint import check_output, rename_directory, sync_tree
 from ..io.process_identity import ProcessIdentity
 from .fingerprint import first_difference
 
 SUFFIX = ".featcal-partial"
 MANIFEST_FILE = "featcal_manifest.json"
+SCRATCH = "featcal-"  # directories kept only for a resume (stream snapshot, block files)
 FORMAT = 1
 
 log = logging.getLogger("featcal")
@@ -54,6 +55,7 @@ class Manifest:
     last_finished: str | None = None  # e.g. "t5-decoder block 2"
     snapshot: str | None = None  # the directory of the latest stream snapshot (stream_snapshot.py)
     snapshot_finished: int = 0  # the blocks finished when it was taken
+    numerics: dict = field(default_factory=dict)  # device, torch version, backends: for bit-identity
     format: int = FORMAT
 
     @property
@@ -99,18 +101,21 @@ class Manifest:
 def inspect(out: str | Path, overwrite: bool, resume: bool) -> Manifest | None:
     """Before any work: refuse what a run writing to `out` may not do; the manifest of the partial
     output to resume from, or None (the run starts afresh, and `start` discards what is there)."""
-    out = check_output(out, overwrite)
     if resume and overwrite:
         raise FeatCalError("--resume keeps the partial output and --overwrite discards it: give one of them")
     path = partial_path(out)
     if not path.exists():
+        check_output(out, overwrite)
         return None
     try:
         manifest = Manifest.read(path)
     except FeatCalError as err:
+        check_output(out, overwrite)
         if overwrite:
             return None
         raise FeatCalError(f"{err}: pass --overwrite to discard it") from err
+    # A run begun with --overwrite over an existing `out` is resumed with --resume alone.
+    check_output(out, overwrite or (resume and bool(manifest.finished)))
     owner = _owner(manifest)
     if owner is not None and owner != ProcessIdentity.current() and owner.running():
         raise FeatCalError(
@@ -125,6 +130,37 @@ def inspect(out: str | Path, overwrite: bool, resume: bool) -> Manifest | None:
         f"{path} holds an interrupted run of this output ({manifest.progress()}): run the same command "
         "with --resume to go on from there, or with --overwrite to discard it and start over"
     )
+
+
+def _remove_leftovers(path: Path, snapshot: str | None) -> None:
+    """Remove the temporary files and directories that a kill left in a partial output, and any
+    stream snapshot but the manifest's."""
+    for leftover in [*path.rglob(".*.tmp"), *path.glob(f"{SCRATCH}snapshot-*")]:
+        if leftover.name == snapshot:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)  # gone with a directory removed before it
+
+
+def _warn_if_other_numerics(path: Path, previous: Manifest, now: Manifest) -> None:
+    """Other devices, torch or backends give other rounding: the run goes on, not bit-identical."""
+    owner = _owner(previous)
+    if owner is not None and owner.host != now.owner.get("host"):
+        log.warning(
+            "%s was written by %s: make sure that run has stopped (this machine cannot tell)", path, owner
+        )
+    for key in sorted(set(previous.numerics) | set(now.numerics)):
+        if previous.numerics.get(key) != now.numerics.get(key):
+            log.warning(
+                "resuming %s with %s %r where its run had %r: the result is close to, but not "
+                "bit-identical with, an uninterrupted run's",
+                path,
+                key,
+                now.numerics.get(key),
+                previous.numerics.get(key),
+            )
 
 
 def _owner(manifest: Manifest) -> ProcessIdentity | None:
@@ -153,11 +189,10 @@ class PartialOutput:
                     f"cannot resume from {path}: {why}; pass --overwrite instead of --resume to discard it "
                     "and start over"
                 )
-            for leftover in [*path.rglob(".*.tmp"), *path.glob("streams-*")]:
-                if leftover.name != previous.snapshot:  # a write that a kill interrupted
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            _remove_leftovers(path, previous.snapshot)
             for name in ("finished", "last_finished", "snapshot", "snapshot_finished"):
                 setattr(manifest, name, getattr(previous, name))
+            _warn_if_other_numerics(path, previous, manifest)
             manifest.write(path)
             return partial
         if path.exists():
@@ -188,11 +223,15 @@ class PartialOutput:
             shutil.rmtree(self.path / old, ignore_errors=True)
 
     def complete(self) -> None:
-        """The output is whole: the manifest and the stream snapshot go, the directory becomes `out`."""
-        if self.manifest.snapshot is not None:
-            shutil.rmtree(self.path / self.manifest.snapshot)
+        """The output is whole: synced, its manifest removed, renamed to `out`; then what was
+        kept only for a resume (the directories named featcal-*: snapshot, block files) goes."""
+        sync_tree(self.path)
         (self.path / MANIFEST_FILE).unlink()
-        install_directory(self.path, self.out)
+        fsync_path(self.path)
+        rename_directory(self.path, self.out)
+        for scratch in self.out.glob(f"{SCRATCH}*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+        fsync_path(self.out)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -201,5 +240,5 @@ class PartialOutput:
         """What a user reads after an interrupted run: where the finished blocks are, how to go on."""
         return (
             f"the partial output {self.path} keeps the finished blocks ({self.manifest.progress()}): run "
-            "the same command with --resume to go on from there"
+            "the same command with --resume (without --overwrite) to go on from there"
         )

@@ -1,8 +1,8 @@
 """Snapshots of the streams at a block boundary, kept in the partial output, so that a resumed
 run replays only the blocks finished after the latest one (docs/algorithm.md s.11).
 
-A snapshot is the directory `streams-<n>` (n: the blocks finished when it was taken) holding,
-per task (by its place in the task order) and batch, the student and expert hidden states,
+A snapshot is the directory `featcal-snapshot-<n>` (n: the blocks finished when it was taken)
+holding, per task (by its place in the task order) and batch, the student and expert hidden states,
 and the merged model's hidden states on the drift examples: `<task>.student.<batch>`, ... one
 safetensors file each, so that no more than a batch is ever in memory. It is written under a
 temporary name, synced and renamed whole; the manifest then names it, and the previous one goes.
@@ -52,7 +52,7 @@ class SnapshotPolicy:
 
 
 def snapshot_name(finished: int) -> str:
-    return f"streams-{finished:05d}"
+    return f"featcal-snapshot-{finished:05d}"
 
 
 def write_snapshot(partial: Path, finished: int, state: RunState) -> str:
@@ -102,7 +102,4 @@ def _read(file: Path):
 
 
 def _damaged(directory: Path, why: str) -> FeatCalError:
-    return FeatCalError(
-        f"the stream snapshot {directory} of the partial output is damaged ({why}); pass --overwrite "
-        "to discard the partial output and start over"
-    )
+    return FeatCalError(f"the stream snapshot {directory} of the partial output cannot be read ({why})")
