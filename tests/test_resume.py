@@ -545,3 +545,16 @@ def test_resuming_elsewhere_warns(llama, interrupted, caplog):
     )
     assert "with torch '" in caplog.text and "where its run had '0.0'" in caplog.text
     assert _same_weights(interrupted, reference)  # the same torch in truth
+
+
+def test_a_damaged_snapshot_costs_only_replay(llama, interrupted, caplog):
+    root, _, reference = llama
+    snapshot = partial_path(interrupted) / _manifest(interrupted)["snapshot"]
+    for file in snapshot.iterdir():
+        file.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="featcal"):
+        assert main(_args(root, interrupted) + ["--resume"]) == 0
+    assert f"the stream snapshot {snapshot} of the partial output cannot be read" in caplog.text
+    assert "the finished blocks are replayed instead" in caplog.text
+    assert _same_weights(interrupted, reference)
+    assert "restored_from_snapshot" not in _report(interrupted)["resumed_from"]
