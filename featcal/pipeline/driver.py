@@ -331,7 +331,7 @@ def _run(
         blocks = list(written.finished)
         done, total = len(blocks), sum(len(b) for b in student.blocks)
         resumed_from = _resumed_from(student, done) if done else None
-        snapshots, snapshot_seconds = _takes_snapshots(student, written, comm), 0.0
+        snapshots = _takes_snapshots(student, written, comm)
         policy, restored = SnapshotPolicy(), 0  # restored: blocks whose streams a snapshot gave
         bar = tqdm(total=total, initial=done, desc="featcal: blocks", disable=not cfg.progress)
 
@@ -370,12 +370,10 @@ def _run(
                         with comm.guard():
                             if written.partial is not None:
                                 written.store.write(stage, index, block)
-                                snapshot = None
-                                if snapshots and flat + 1 < total and policy.due():
-                                    snapshot_started = time.perf_counter()
-                                    snapshot = _snapshot(written.partial, flat + 1, state)
-                                    policy.taken(time.perf_counter() - snapshot_started)
-                                    snapshot_seconds += policy.last_cost
+                                due = snapshots and flat + 1 < total and policy.due()
+                                snapshot = (
+                                    _snapshot(written.partial, flat + 1, state, policy) if due else None
+                                )
                                 written.partial.record(asdict(report), str(run.where), snapshot)
                         comm.check(f"writing {run.where}")
                 del block  # a block read from disk is freed before the next one is read
@@ -425,7 +423,7 @@ def _run(
         warnings=_merge_warnings([messages for messages, _, _ in ranks]),
         distributed=distributed,
         resumed_from=resumed_from,
-        snapshot_seconds=snapshot_seconds,
+        snapshot_seconds=policy.seconds,
     )
 
 
@@ -459,14 +457,16 @@ def _restore_streams(partial: PartialOutput, state: RunState, resumed_from: dict
     return manifest.snapshot_finished
 
 
-def _snapshot(partial: PartialOutput, finished: int, state: RunState) -> str | None:
+def _snapshot(partial: PartialOutput, finished: int, state: RunState, policy: SnapshotPolicy) -> str | None:
     """A stream snapshot after `finished` blocks, or None when it cannot be written: it only
     spares a resumed run some replay, so the run goes on without it."""
+    started, name = time.perf_counter(), None
     try:
-        return write_snapshot(partial.path, finished, state)
+        name = write_snapshot(partial.path, finished, state)
     except (FeatCalError, OSError) as err:
         log.warning("no stream snapshot after %d blocks (a resumed run replays more): %s", finished, err)
-        return None
+    policy.taken(time.perf_counter() - started)
+    return name
 
 
 def _resumed_from(student: ModelSource, done: int) -> dict:

@@ -144,8 +144,9 @@ def _remove_leftovers(path: Path, snapshot: str | None) -> None:
             leftover.unlink(missing_ok=True)  # gone with a directory removed before it
 
 
-def _warn_if_other_numerics(path: Path, previous: Manifest, now: Manifest) -> None:
-    """Other devices, torch or backends give other rounding: the run goes on, not bit-identical."""
+def _warn_if_elsewhere(path: Path, previous: Manifest, now: Manifest) -> None:
+    """A partial output of another host (whose run this one cannot see), or of other numerics
+    (devices, torch, backends round otherwise: the result is not bit-identical): said, not refused."""
     owner = _owner(previous)
     if owner is not None and owner.host != now.owner.get("host"):
         log.warning(
@@ -192,7 +193,7 @@ class PartialOutput:
             _remove_leftovers(path, previous.snapshot)
             for name in ("finished", "last_finished", "snapshot", "snapshot_finished"):
                 setattr(manifest, name, getattr(previous, name))
-            _warn_if_other_numerics(path, previous, manifest)
+            _warn_if_elsewhere(path, previous, manifest)
             manifest.write(path)
             return partial
         if path.exists():

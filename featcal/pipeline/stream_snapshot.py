@@ -41,6 +41,7 @@ class SnapshotPolicy:
     budget: float = BUDGET
     last_cost: float | None = None  # seconds the last snapshot took
     since: float = field(default_factory=time.perf_counter)  # when it ended
+    seconds: float = 0.0  # all snapshots of the run
 
     def due(self) -> bool:
         if self.last_cost is None:
@@ -49,6 +50,7 @@ class SnapshotPolicy:
 
     def taken(self, seconds: float) -> None:
         self.last_cost, self.since = seconds, time.perf_counter()
+        self.seconds += seconds
 
 
 def snapshot_name(finished: int) -> str:
