@@ -216,15 +216,7 @@ def interrupted(llama, tmp_path, monkeypatch):
 
     root, _, _ = llama
     out = tmp_path / "out"
-    real, calls = driver.solve, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise FeatCalError("a failure in block 2's solve")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "solve", failing)
+    real = _fail_at(monkeypatch, driver, "solve", 3, "a failure in block 2's solve")
     with pytest.raises(FeatCalError, match="block 2's solve") as caught:
         calibrate(
             root / "merged",
@@ -240,6 +232,20 @@ def interrupted(llama, tmp_path, monkeypatch):
         "block 1): run the same command with --resume (without --overwrite) to go on from there"
     ]
     return out
+
+
+def _fail_at(monkeypatch, owner, name: str, call: int, message: str):
+    """`owner.name` raises FeatCalError(message) on its `call`th call; the real one is returned."""
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise FeatCalError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return real
 
 
 def _data(root, tasks=("t0", "t1")):
@@ -331,15 +337,7 @@ def test_t5_resumed_inside_the_decoder_replays_the_encoder(tmp_path, monkeypatch
     cfg = FeatCalConfig(progress=False)
     whole, whole_report = calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg)
 
-    real, calls = driver.solve, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # decoder block 1
-            raise FeatCalError("a failure in the decoder")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "solve", failing)
+    real = _fail_at(monkeypatch, driver, "solve", 4, "a failure in the decoder")  # decoder block 1
     out = tmp_path / "out"
     with pytest.raises(FeatCalError, match="in the decoder"):
         calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out)
@@ -366,21 +364,15 @@ def test_a_snapshot_that_cannot_be_written_only_costs_replay(llama, tmp_path, mo
     import featcal.pipeline.driver as driver
 
     root, _, reference = llama
-    real_save, real_solve, solves = sharded_writer.save_file, driver.solve, []
+    real_save = sharded_writer.save_file
 
     def full_for_snapshots(tensors, filename, metadata=None):
         if not os.path.basename(filename).startswith(".model-"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(tensors, filename, metadata=metadata)
 
-    def failing(*args, **kwargs):
-        solves.append(1)
-        if len(solves) == 4:
-            raise FeatCalError("a failure in block 3")
-        return real_solve(*args, **kwargs)
-
     monkeypatch.setattr(sharded_writer, "save_file", full_for_snapshots)
-    monkeypatch.setattr(driver, "solve", failing)
+    real_solve = _fail_at(monkeypatch, driver, "solve", 4, "a failure in block 3")
     out = tmp_path / "out"
     models = dict(base=root / "base", experts={t: root / t for t in ("t0", "t1")}, data=_data(root))
     cfg = FeatCalConfig(progress=False)
@@ -409,15 +401,7 @@ def test_a_resumed_module_gets_every_calibrated_block(tmp_path, monkeypatch, fam
     whole, _ = calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg)
 
     owner, name = (driver, "solve") if stop == "solve" else (block_files.ModuleOutput, "finish")
-    real, calls = getattr(owner, name), []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 or stop == "saving":
-            raise FeatCalError("stopped")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, failing)
+    real = _fail_at(monkeypatch, owner, name, 1 if stop == "saving" else 2, "stopped")
     out = tmp_path / "out"
     with pytest.raises(FeatCalError, match="stopped"):
         calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=cfg, out=out)
@@ -476,15 +460,7 @@ def test_a_run_begun_with_overwrite_is_resumed_with_resume(llama, tmp_path, monk
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("an earlier output")
-    real, calls = driver.solve, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise FeatCalError("a failure in block 2")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "solve", failing)
+    real = _fail_at(monkeypatch, driver, "solve", 3, "a failure in block 2")
     assert main(_args(root, out) + ["--overwrite"]) == 2
     monkeypatch.setattr(driver, "solve", real)
     assert (out / "old.txt").exists() and _finished(out) == 2
@@ -511,15 +487,7 @@ def test_blocks_stored_narrower_than_they_are_calibrated_resume_exactly(llama, t
     whole, _ = calibrate(mixed, **models, config=cfg, out=tmp_path / "whole")
 
     monkeypatch.setattr(SnapshotPolicy, "due", lambda self: False)  # block 0 and 1 are replayed
-    real, calls = driver.solve, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise FeatCalError("a failure in block 2")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "solve", failing)
+    real = _fail_at(monkeypatch, driver, "solve", 3, "a failure in block 2")
     with pytest.raises(FeatCalError, match="block 2"):
         calibrate(mixed, **models, config=cfg, out=tmp_path / "out")
     monkeypatch.setattr(driver, "solve", real)
