@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, make_data, make_experts
+from tiny_models import CLIP_VISION, make_data, make_experts, same_checkpoints
 from transformers import CLIPVisionModel
 
 from featcal import FeatCalConfig, calibrate, task_arithmetic, ties_merging
@@ -205,11 +205,6 @@ def test_memory_flags_place_streams_and_refuse_a_short_budget(disk, tmp_path, ca
     assert offload.is_dir() and not list(offload.iterdir())
 
 
-def _same_weights(a, b):
-    left, right = _weights(a), _weights(b)
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
-
-
 def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -242,7 +237,7 @@ def test_a_full_disk_while_writing_the_output_is_a_clear_error(disk, tmp_path, c
     monkeypatch.setattr(sharded_writer, "save_file", real)
     assert main(args + ["--resume"]) == 0
     assert main(_calibrate_args(root, experts, root / "base", tmp_path / "whole")) == 0
-    assert _same_weights(out, tmp_path / "whole")
+    assert same_checkpoints(out, tmp_path / "whole")
     report = json.loads((out / "featcal_report.json").read_text())
     assert report["resumed_from"]["block"] == 1 and report["resumed_from"]["finished_before"] == 1
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import LLAMA, T5, make_data, make_experts, setup
+from tiny_models import LLAMA, T5, make_data, make_experts, same_checkpoints, setup
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from featcal import FeatCalConfig, FeatCalError, calibrate, task_arithmetic
@@ -142,12 +142,6 @@ def _finished(out) -> int:
     return len(_manifest(out)["finished"])
 
 
-def _same_weights(a, b) -> bool:
-    left, right = LazyCheckpoint(a), LazyCheckpoint(b)
-    x, y = left.read(left.keys()), right.read(right.keys())
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
 def _report(out) -> dict:
     return json.loads((out / "featcal_report.json").read_text())
 
@@ -178,7 +172,7 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_output(llama, 
     assert [p.name for p in partial_path(out).glob("featcal-snapshot-*")] == ["featcal-snapshot-00004"]
 
     assert main(args + ["--resume"]) == 0
-    assert _same_weights(out, reference)
+    assert same_checkpoints(out, reference)
     assert not partial_path(out).exists() and list(offload.iterdir()) == []
     resumed = _report(out)["resumed_from"]
     assert (resumed["stage"], resumed["block"], resumed["finished_before"]) == (None, 4, 4)
@@ -206,7 +200,9 @@ def test_sigterm_leaves_a_resumable_partial_output_and_says_how_to_go_on(llama, 
 
     assert main(args + ["--resume"]) == 0  # no snapshot: blocks 0-2 are replayed
     resumed = _report(out)["resumed_from"]
-    assert _same_weights(out, reference) and resumed["block"] == 3 and "restored_from_snapshot" not in resumed
+    assert (
+        same_checkpoints(out, reference) and resumed["block"] == 3 and "restored_from_snapshot" not in resumed
+    )
 
 
 @pytest.fixture
@@ -266,7 +262,7 @@ def test_a_partial_output_is_reported_and_refused_without_resume(llama, interrup
     assert "give one of them" in capsys.readouterr().err
 
     assert main(_args(root, interrupted) + ["--overwrite"]) == 0  # discards it and starts over
-    assert _same_weights(interrupted, reference) and _report(interrupted)["resumed_from"] is None
+    assert same_checkpoints(interrupted, reference) and _report(interrupted)["resumed_from"] is None
 
 
 def test_resume_is_refused_for_other_data_settings_or_experts(llama, interrupted, tmp_path, capsys):
@@ -298,7 +294,7 @@ def test_resume_is_refused_for_other_data_settings_or_experts(llama, interrupted
         assert "pass --overwrite instead of --resume" in err and _finished(interrupted) == 2
 
     assert main(_args(root, interrupted) + ["--resume"]) == 0
-    assert _same_weights(interrupted, reference)
+    assert same_checkpoints(interrupted, reference)
 
 
 def test_a_damaged_partial_output_is_refused(llama, interrupted, capsys):
@@ -385,7 +381,7 @@ def test_a_snapshot_that_cannot_be_written_only_costs_replay(llama, tmp_path, mo
     monkeypatch.setattr(driver, "solve", real_solve)
     _, report = calibrate(root / "merged", **models, config=cfg, out=out, resume=True)
     assert report.resumed_from["block"] == 3 and "restored_from_snapshot" not in report.resumed_from
-    assert _same_weights(out, reference)
+    assert same_checkpoints(out, reference)
 
 
 @pytest.mark.parametrize("family, stop", [(LLAMA, "solve"), (LLAMA, "saving"), (T5, "saving")])
@@ -431,7 +427,7 @@ def test_a_kill_inside_a_snapshot_write_then_resume(llama, tmp_path):
     assert run.returncode == -signal.SIGKILL and _finished(out) == 1
     assert any(p.name.endswith(".tmp") and p.is_dir() for p in partial_path(out).iterdir())
     assert main(args + ["--resume"]) == 0
-    assert _same_weights(out, reference) and _report(out)["resumed_from"]["restored_from_snapshot"] == 1
+    assert same_checkpoints(out, reference) and _report(out)["resumed_from"]["restored_from_snapshot"] == 1
     assert not any(p.name.startswith((".", "featcal-")) for p in out.iterdir())
 
 
@@ -450,7 +446,7 @@ def test_a_stop_while_completing_leaves_a_resumable_partial_output(llama, tmp_pa
     monkeypatch.setattr(partial_output, "sync_tree", real)
     assert _finished(out) == BLOCKS
     assert main(_args(root, out) + ["--resume"]) == 0
-    assert _same_weights(out, reference) and _report(out)["resumed_from"]["block"] is None
+    assert same_checkpoints(out, reference) and _report(out)["resumed_from"]["block"] is None
 
 
 def test_a_run_begun_with_overwrite_is_resumed_with_resume(llama, tmp_path, monkeypatch):
@@ -465,7 +461,7 @@ def test_a_run_begun_with_overwrite_is_resumed_with_resume(llama, tmp_path, monk
     monkeypatch.setattr(driver, "solve", real)
     assert (out / "old.txt").exists() and _finished(out) == 2
     assert main(_args(root, out) + ["--resume"]) == 0
-    assert _same_weights(out, reference) and not (out / "old.txt").exists()
+    assert same_checkpoints(out, reference) and not (out / "old.txt").exists()
 
 
 def test_blocks_stored_narrower_than_they_are_calibrated_resume_exactly(llama, tmp_path, monkeypatch):
@@ -493,7 +489,7 @@ def test_blocks_stored_narrower_than_they_are_calibrated_resume_exactly(llama, t
     monkeypatch.setattr(driver, "solve", real)
     assert len(list((partial_path(tmp_path / "out") / "featcal-exact-blocks").iterdir())) == 2
     resumed, report = calibrate(mixed, **models, config=cfg, out=tmp_path / "out", resume=True)
-    assert report.resumed_from["block"] == 2 and _same_weights(resumed, whole)
+    assert report.resumed_from["block"] == 2 and same_checkpoints(resumed, whole)
     assert not (resumed / "featcal-exact-blocks").exists()
 
 
@@ -512,7 +508,7 @@ def test_resuming_elsewhere_warns(llama, interrupted, caplog):
         and "on another-host: make sure that run has stopped" in caplog.text
     )
     assert "with torch '" in caplog.text and "where its run had '0.0'" in caplog.text
-    assert _same_weights(interrupted, reference)  # the same torch in truth
+    assert same_checkpoints(interrupted, reference)  # the same torch in truth
 
 
 def test_a_damaged_snapshot_costs_only_replay(llama, interrupted, caplog):
@@ -524,5 +520,5 @@ def test_a_damaged_snapshot_costs_only_replay(llama, interrupted, caplog):
         assert main(_args(root, interrupted) + ["--resume"]) == 0
     assert f"the stream snapshot {snapshot} of the partial output cannot be read" in caplog.text
     assert "the finished blocks are replayed instead" in caplog.text
-    assert _same_weights(interrupted, reference)
+    assert same_checkpoints(interrupted, reference)
     assert "restored_from_snapshot" not in _report(interrupted)["resumed_from"]

@@ -304,6 +304,16 @@ TOY_KINDS = Family(
 )
 
 
+def same_checkpoints(a, b) -> bool:
+    """Whether two safetensors checkpoint directories hold the same tensors, bit for bit."""
+    from featcal.io.lazy_checkpoint import LazyCheckpoint
+
+    left, right = LazyCheckpoint(a), LazyCheckpoint(b)
+    return left.keys() == right.keys() and all(
+        torch.equal(left.read([k])[k], right.read([k])[k]) for k in left.keys()
+    )
+
+
 def make_experts(base: nn.Module, tasks: int, rel: float = 0.05, seed: int = 1) -> dict:
     """Experts = base + Gaussian deltas of `rel` times each floating tensor's std."""
     gen = torch.Generator().manual_seed(seed)

@@ -62,9 +62,8 @@ class OutputCheckpoint:
     def write(self, stage: int, index: int, block: nn.Module) -> None:
         """Write a calibrated block (a copy of skeleton block `index` of `stage`) as its shard; a
         block that its stored dtypes round is also kept exactly, for a resumed run to replay."""
-        skeleton = self.blocks[stage][index]
-        tensors = self.merged.stored(skeleton, block)
-        exact = self.merged.stored(skeleton, block, cast=False)
+        exact = self.merged.stored(self.blocks[stage][index], block)
+        tensors = {key: value.to(self.merged.checkpoint.dtype(key)) for key, value in exact.items()}
         if any(tensors[key].dtype != value.dtype for key, value in exact.items()):
             self.exact.write(stage, index, block)
         self.writer.write_shard(self._number(stage, index), tensors)

@@ -190,16 +190,16 @@ class LazyModel:
         """The checkpoint keys holding the tensors of a skeleton block."""
         return [key for key, *_ in self._slots(block) if key is not None]
 
-    def stored(self, block: nn.Module, real: nn.Module, cast: bool = True) -> dict[str, Tensor]:
-        """{checkpoint key: tensor in its stored dtype (`cast`; else as it is)} of `real`, a copy
-        of skeleton `block` made by `self.block`, for writing it back in the checkpoint's layout."""
+    def stored(self, block: nn.Module, real: nn.Module) -> dict[str, Tensor]:
+        """{checkpoint key: tensor, as it is in `real`} of `real`, a copy of skeleton `block` made
+        by `self.block`, for writing it back in the checkpoint's layout (cast to
+        `checkpoint.dtype(key)` to store it)."""
         memo = dict(zip(map(id, block.modules()), real.modules()))
         out = {}
         for key, owner, kind, leaf, _ in self._slots(block):
             if key is not None:
                 table = memo[id(owner)]._buffers if kind == "buffer" else memo[id(owner)]._parameters
-                value = table[leaf].detach()
-                out[key] = value.to(self.checkpoint.dtype(key)) if cast else value
+                out[key] = table[leaf].detach()
         return out
 
     def load_stored(self, block: nn.Module, real: nn.Module, tensors: dict[str, Tensor]) -> None:

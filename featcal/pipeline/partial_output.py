@@ -104,18 +104,18 @@ def inspect(out: str | Path, overwrite: bool, resume: bool) -> Manifest | None:
     if resume and overwrite:
         raise FeatCalError("--resume keeps the partial output and --overwrite discards it: give one of them")
     path = partial_path(out)
-    if not path.exists():
-        check_output(out, overwrite)
-        return None
-    try:
-        manifest = Manifest.read(path)
-    except FeatCalError as err:
-        check_output(out, overwrite)
-        if overwrite:
-            return None
-        raise FeatCalError(f"{err}: pass --overwrite to discard it") from err
+    manifest, unreadable = None, None
+    if path.exists():
+        try:
+            manifest = Manifest.read(path)
+        except FeatCalError as err:
+            unreadable = err
     # A run begun with --overwrite over an existing `out` is resumed with --resume alone.
-    check_output(out, overwrite or (resume and bool(manifest.finished)))
+    check_output(out, overwrite or (resume and manifest is not None and bool(manifest.finished)))
+    if manifest is None:
+        if unreadable is not None and not overwrite:
+            raise FeatCalError(f"{unreadable}: pass --overwrite to discard it") from unreadable
+        return None
     owner = _owner(manifest)
     if owner is not None and owner != ProcessIdentity.current() and owner.running():
         raise FeatCalError(
