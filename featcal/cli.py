@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import extension, ops
-from .config import FeatCalConfig
+from .config import SEQUENTIAL_MODES, FeatCalConfig
 from .errors import FeatCalError
 from .pipeline.distributed import in_process_group, is_first_process, process_group_from_environment
 from .signals import Stopped, stop_on_signals
@@ -55,11 +55,18 @@ def _hyperparameter_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-calibrate-bias", dest="calibrate_bias", action="store_false")
     parser.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
     parser.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
+    parser.add_argument(
+        "--sequential",
+        choices=list(SEQUENTIAL_MODES),
+        default=defaults.sequential,
+        help="re-take each sub-layer's (or each module group's) statistics after the ones before "
+        "it in the block are solved (off: one pass, as published)",
+    )
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict:
     names = ("lambda_ratio", "anchor_blend_rho", "teacher_interp_alpha", "covariance_eps")
-    names += ("calibrate_bias", "calibrate_layernorm", "cross_method")
+    names += ("calibrate_bias", "calibrate_layernorm", "cross_method", "sequential")
     return {name: getattr(args, name) for name in names}
 
 

@@ -10,6 +10,7 @@ from .sizes import parse_bytes
 CROSS_METHODS = ("auto", "cross", "project")
 STREAM_PLACEMENTS = ("auto", "device", "cpu", "disk")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+SEQUENTIAL_MODES = ("off", "sublayer", "group")
 
 
 @dataclass
@@ -44,6 +45,11 @@ class FeatCalConfig:
         `calibrate` with the same arguments); "on" requires such a group; "off" runs alone.
     distributed_timeout: seconds a process waits for the others at a collective before the run
         stops with an error naming the phase that was waiting.
+    sequential: where a block's statistics are taken (docs/algorithm.md s.12): "off" (the
+        reference) takes every module's from one pass of the uncalibrated merged block; "sublayer"
+        solves the attention, then re-takes the MLP's from the block with its attention solved
+        (every sub-layer in turn); "group" does the same for every group of modules that read one
+        input, in forward order.
     """
 
     lambda_ratio: float = 0.05
@@ -62,6 +68,7 @@ class FeatCalConfig:
     progress: bool = True
     distributed: str = "auto"
     distributed_timeout: float = 1800.0
+    sequential: str = "off"
 
     def __post_init__(self) -> None:
         if self.cross_method not in CROSS_METHODS:
@@ -76,6 +83,8 @@ class FeatCalConfig:
             raise FeatCalError(
                 f"distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}"
             )
+        if self.sequential not in SEQUENTIAL_MODES:
+            raise FeatCalError(f"sequential={self.sequential!r} is not one of {', '.join(SEQUENTIAL_MODES)}")
         if not self.distributed_timeout > 0:
             raise FeatCalError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         parse_bytes(self.max_gpu_memory)

@@ -191,8 +191,11 @@ CASES = {
     "llama64": in_memory("llama", torch.float64),
     "t5_64": in_memory("t5", torch.float64),
     "clip64_project": in_memory("clip", torch.float64, cross_method="project", calibrate_bias=False),
+    "llama64_group": in_memory("llama", torch.float64, sequential="group"),
+    "t5_64_sublayer": in_memory("t5", torch.float64, sequential="sublayer"),
     "idle": in_memory("llama", torch.float64, batches=(1, 1)),  # with 3 processes, rank 1 idles
     "first_idle": in_memory("clip", torch.float64, batches=(1,)),  # rank 0 idles
+    "idle_sublayer": in_memory("llama", torch.float64, batches=(1, 1), sequential="sublayer"),
     "streamed": streamed,
     "streamed_resumed": streamed_resumed,
     "nan": nan_in_last_task,

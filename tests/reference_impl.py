@@ -69,9 +69,39 @@ def _token_weights(family, name, layer, num_layers, x, mask):
     return w.reshape(-1)
 
 
+def _steps(family, block, targets, hidden, args, kwargs, sequential: str) -> list[list[str]]:
+    """The module names of each step of a block, in call order: all at once ("off"), one step per
+    set of modules reading the same tensor ("group"), or split where family.sublayers open one."""
+    seen, handles = [], []
+    for name, module in targets.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: seen.append((name, a[0]))))
+    try:
+        _run(block, hidden, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if sequential == "off":
+        return [[name for name, _ in seen]]
+    steps, last_input = [], None
+    for name, x in seen:
+        if sequential == "group":
+            opens = x is not last_input
+        else:
+            opens = not steps or name in family.sublayers
+        if opens:
+            steps.append([])
+        steps[-1].append(name)
+        last_input = x
+    return steps
+
+
 @torch.no_grad()
-def reference_calibrate(family: Family, merged, base, experts: dict, data: dict, cfg) -> None:
-    """Calibrate `merged` (float64) in place, exactly as docs/algorithm.md states."""
+def reference_calibrate(
+    family: Family, merged, base, experts: dict, data: dict, cfg, sequential: str = "off"
+) -> None:
+    """Calibrate `merged` (float64) in place, exactly as docs/algorithm.md states; with
+    `sequential` (s.12), each step's statistics are taken from the block as the steps before it
+    left it (the whole block is run again for each step)."""
     lam = max(cfg.lambda_ratio, 0.0)
     eps, rho, alpha = cfg.covariance_eps, cfg.anchor_blend_rho, cfg.teacher_interp_alpha
     tasks = list(experts)
@@ -93,97 +123,115 @@ def reference_calibrate(family: Family, merged, base, experts: dict, data: dict,
         targets = _targets(block)
         m0 = {k: v.clone() for k, v in block.state_dict().items()}
         b0 = base_blocks[layer].state_dict()
-        stats = {name: [] for name in targets}
-        next_expert = {}
-        for t in tasks:
-            eblock = family.blocks(experts[t])[layer]
-            etargets = _targets(eblock)
-            acc = {name: {} for name in targets}
-            next_expert[t] = []
-            for i, (hs, he) in enumerate(zip(student[t], expert[t])):
-                cache_s, cache_e, handles = {}, {}, []
-                for name in targets:
-                    handles.append(targets[name].register_forward_pre_hook(_keep(cache_s, name)))
-                    handles.append(etargets[name].register_forward_pre_hook(_keep(cache_e, name)))
-                (sargs, skw), (eargs, ekw) = ctx[t][i]
-                _run(block, hs, sargs, skw)
-                next_expert[t].append(_run(eblock, he, eargs, ekw))
-                for h in handles:
-                    h.remove()
-                for name, module in targets.items():
-                    xs, xe = cache_s[name], cache_e[name]
-                    w = _token_weights(family, name, layer, num_layers, xs, masks[t][i])
-                    xs2, xe2 = xs.reshape(-1, xs.shape[-1]), xe.reshape(-1, xe.shape[-1])
-                    a = acc[name]
-                    a["sw"] = a.get("sw", 0.0) + w.sum()
-                    if _is_linear(module):
-                        xt2 = alpha * xe2 + (1 - alpha) * xs2
-                        for key, value in (
-                            ("sxs", w @ xs2),
-                            ("sxt", w @ xt2),
-                            ("G", xs2.T @ (w[:, None] * xs2)),
-                            ("C", xs2.T @ (w[:, None] * xt2)),
-                        ):
-                            a[key] = a.get(key, 0.0) + value
-                    else:
-                        z = _normalise(module, xs2)
-                        a["sz"] = a.get("sz", 0.0) + w @ z
-                        a["sz2"] = a.get("sz2", 0.0) + w @ z.square()
-            for name, a in acc.items():
-                sw = a["sw"]
-                if _is_linear(targets[name]):
-                    stats[name].append(
-                        dict(G=a["G"] / sw, C=a["C"] / sw, mu_s=a["sxs"] / sw, mu_t=a["sxt"] / sw)
-                    )
-                else:
-                    stats[name].append(dict(m=a["sz"] / sw, e=a["sz2"] / sw))
-
+        t0 = tasks[0]
+        steps = _steps(family, block, targets, student[t0][0], *ctx[t0][0][0], sequential)
         expert_states = [family.blocks(experts[t])[layer].state_dict() for t in tasks]
-        new = {}
-
-        def anchor(p, m0=m0, b0=b0):
-            return rho * m0[p] + (1 - rho) * b0[p]
-
-        for name, module in targets.items():
-            # Conv1D stores W transposed: work with W (d_out, d_in) and store it back transposed
-            flip = (lambda t: t.T) if isinstance(module, Conv1D) else (lambda t: t)
-            ws = [flip(s[f"{name}.weight"]) for s in expert_states]
-            if _is_linear(module):
-                st = stats[name]
-                norms = [max(torch.linalg.norm(s["G"]).item(), eps) for s in st]
-                d = st[0]["G"].shape[0]
-                A = sum(s["G"] / n for s, n in zip(st, norms)) + lam * torch.eye(d, dtype=torch.float64)
-                if eps > 0:
-                    A = A + eps * torch.eye(d, dtype=torch.float64)
-                B = sum((s["C"] / n) @ W.T for s, n, W in zip(st, norms, ws))
-                B = B + lam * flip(anchor(f"{name}.weight")).T
-                W_new = torch.linalg.solve(A, B).T
-                new[f"{name}.weight"] = flip(W_new)
-                if module.bias is not None and cfg.calibrate_bias:
-                    bs = [s[f"{name}.bias"] for s in expert_states]
-                    num = sum(
-                        (b + W @ s["mu_t"] - W_new @ s["mu_s"]) / n for b, W, s, n in zip(bs, ws, st, norms)
-                    )
-                    den = sum(1 / n for n in norms)
-                    new[f"{name}.bias"] = (num + lam * anchor(f"{name}.bias")) / (den + lam)
-            elif cfg.calibrate_layernorm and getattr(module, "bias", None) is None:
-                st = stats[name]
-                num = sum(s["e"] * g for s, g in zip(st, ws)) + lam * anchor(f"{name}.weight")
-                new[f"{name}.weight"] = num / (sum(s["e"] for s in st) + lam)
-            elif cfg.calibrate_layernorm:
-                st = stats[name]
-                cs = [s[f"{name}.bias"] for s in expert_states]
-                a11 = sum(s["e"] for s in st) + lam
-                a12 = sum(s["m"] for s in st)
-                a22 = len(st) + lam
-                r1 = sum(s["e"] * g + s["m"] * c for s, g, c in zip(st, ws, cs))
-                r2 = sum(s["m"] * g + c for s, g, c in zip(st, ws, cs))
-                r1 = r1 + lam * anchor(f"{name}.weight")
-                r2 = r2 + lam * anchor(f"{name}.bias")
-                det = torch.clamp(a11 * a22 - a12**2, min=eps)
-                new[f"{name}.weight"] = (a22 * r1 - a12 * r2) / det
-                new[f"{name}.bias"] = (a11 * r2 - a12 * r1) / det
-        block.load_state_dict(new, strict=False)
+        for names in steps:
+            stats, next_expert = _statistics(
+                family, layer, num_layers, block, names, experts, student, expert, ctx, masks, alpha
+            )
+            new = _solve(block, names, stats, expert_states, m0, b0, lam, eps, rho, cfg)
+            block.load_state_dict(new, strict=False)
         for t in tasks:
             student[t] = [_run(block, h, *ctx[t][i][0]) for i, h in enumerate(student[t])]
         expert = next_expert
+
+
+def _statistics(family, layer, num_layers, block, names, experts, student, expert, ctx, masks, alpha):
+    """Per module of `names`, per task: G, C, mu_s, mu_t (linear) or m, e (norm), from a full
+    forward of the block as it is now; and each expert block's outputs."""
+    targets = {n: _targets(block)[n] for n in names}
+    stats = {name: [] for name in targets}
+    next_expert = {}
+    for t in experts:
+        eblock = family.blocks(experts[t])[layer]
+        etargets = _targets(eblock)
+        acc = {name: {} for name in targets}
+        next_expert[t] = []
+        for i, (hs, he) in enumerate(zip(student[t], expert[t])):
+            cache_s, cache_e, handles = {}, {}, []
+            for name in targets:
+                handles.append(targets[name].register_forward_pre_hook(_keep(cache_s, name)))
+                handles.append(etargets[name].register_forward_pre_hook(_keep(cache_e, name)))
+            (sargs, skw), (eargs, ekw) = ctx[t][i]
+            _run(block, hs, sargs, skw)
+            next_expert[t].append(_run(eblock, he, eargs, ekw))
+            for h in handles:
+                h.remove()
+            for name, module in targets.items():
+                xs, xe = cache_s[name], cache_e[name]
+                w = _token_weights(family, name, layer, num_layers, xs, masks[t][i])
+                xs2, xe2 = xs.reshape(-1, xs.shape[-1]), xe.reshape(-1, xe.shape[-1])
+                a = acc[name]
+                a["sw"] = a.get("sw", 0.0) + w.sum()
+                if _is_linear(module):
+                    xt2 = alpha * xe2 + (1 - alpha) * xs2
+                    for key, value in (
+                        ("sxs", w @ xs2),
+                        ("sxt", w @ xt2),
+                        ("G", xs2.T @ (w[:, None] * xs2)),
+                        ("C", xs2.T @ (w[:, None] * xt2)),
+                    ):
+                        a[key] = a.get(key, 0.0) + value
+                else:
+                    z = _normalise(module, xs2)
+                    a["sz"] = a.get("sz", 0.0) + w @ z
+                    a["sz2"] = a.get("sz2", 0.0) + w @ z.square()
+        for name, a in acc.items():
+            sw = a["sw"]
+            if _is_linear(targets[name]):
+                stats[name].append(dict(G=a["G"] / sw, C=a["C"] / sw, mu_s=a["sxs"] / sw, mu_t=a["sxt"] / sw))
+            else:
+                stats[name].append(dict(m=a["sz"] / sw, e=a["sz2"] / sw))
+    return stats, next_expert
+
+
+def _solve(block, names, stats, expert_states, m0, b0, lam, eps, rho, cfg) -> dict:
+    """The new parameters of the modules `names` (s.6), anchored at the block as given (m0)."""
+    targets = _targets(block)
+    new = {}
+
+    def anchor(p):
+        return rho * m0[p] + (1 - rho) * b0[p]
+
+    for name in names:
+        module = targets[name]
+        # Conv1D stores W transposed: work with W (d_out, d_in) and store it back transposed
+        flip = (lambda t: t.T) if isinstance(module, Conv1D) else (lambda t: t)
+        ws = [flip(s[f"{name}.weight"]) for s in expert_states]
+        if _is_linear(module):
+            st = stats[name]
+            norms = [max(torch.linalg.norm(s["G"]).item(), eps) for s in st]
+            d = st[0]["G"].shape[0]
+            A = sum(s["G"] / n for s, n in zip(st, norms)) + lam * torch.eye(d, dtype=torch.float64)
+            if eps > 0:
+                A = A + eps * torch.eye(d, dtype=torch.float64)
+            B = sum((s["C"] / n) @ W.T for s, n, W in zip(st, norms, ws))
+            B = B + lam * flip(anchor(f"{name}.weight")).T
+            W_new = torch.linalg.solve(A, B).T
+            new[f"{name}.weight"] = flip(W_new)
+            if module.bias is not None and cfg.calibrate_bias:
+                bs = [s[f"{name}.bias"] for s in expert_states]
+                num = sum(
+                    (b + W @ s["mu_t"] - W_new @ s["mu_s"]) / n for b, W, s, n in zip(bs, ws, st, norms)
+                )
+                den = sum(1 / n for n in norms)
+                new[f"{name}.bias"] = (num + lam * anchor(f"{name}.bias")) / (den + lam)
+        elif cfg.calibrate_layernorm and getattr(module, "bias", None) is None:
+            st = stats[name]
+            num = sum(s["e"] * g for s, g in zip(st, ws)) + lam * anchor(f"{name}.weight")
+            new[f"{name}.weight"] = num / (sum(s["e"] for s in st) + lam)
+        elif cfg.calibrate_layernorm:
+            st = stats[name]
+            cs = [s[f"{name}.bias"] for s in expert_states]
+            a11 = sum(s["e"] for s in st) + lam
+            a12 = sum(s["m"] for s in st)
+            a22 = len(st) + lam
+            r1 = sum(s["e"] * g + s["m"] * c for s, g, c in zip(st, ws, cs))
+            r2 = sum(s["m"] * g + c for s, g, c in zip(st, ws, cs))
+            r1 = r1 + lam * anchor(f"{name}.weight")
+            r2 = r2 + lam * anchor(f"{name}.bias")
+            det = torch.clamp(a11 * a22 - a12**2, min=eps)
+            new[f"{name}.weight"] = (a22 * r1 - a12 * r2) / det
+            new[f"{name}.bias"] = (a11 * r2 - a12 * r1) / det
+    return new

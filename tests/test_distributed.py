@@ -2,9 +2,10 @@
 
 Three tasks of 1, 3 and 2 batches: with 2 processes task1 is split 2 + 1 batches over ranks 0
 and 1, with 3 processes 1 + 2 over ranks 0 and 1. CLIP (LayerNorm affines, class-token focus),
-Llama (padding), T5 (two stages), in float64 and float32, in memory and streamed from
-checkpoint directories to an output written by rank 0. A NaN in another process's task, other
-data on one process, and a process that dies stop every process with one clear error.
+Llama (padding), T5 (two stages), in float64 and float32, with sequential statistics, in
+memory and streamed from checkpoint directories to an output written by rank 0. A NaN in
+another process's task, other data on one process, and a process that dies stop every process
+with one clear error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ from tiny_models import LLAMA, same_checkpoints
 from featcal.cli import main
 from featcal.io.data_files import save_calibration_file
 
-ALL = ["clip64", "clip32", "llama64", "t5_64", "clip64_project", "idle", "first_idle", "streamed"]
+ALL = [
+    "clip64",
+    "clip32",
+    "llama64",
+    "t5_64",
+    "clip64_project",
+    "llama64_group",
+    "t5_64_sublayer",
+    "idle",
+    "first_idle",
+    "idle_sublayer",
+    "streamed",
+]
 RESUMED = ["streamed_resumed"]
 FAILING = ["nan", "other_data", "unreadable"]
 TOLERANCE = {"clip32": 1e-5, "streamed": 1e-5}

@@ -341,8 +341,10 @@ def test_measure_phases_follow_the_drift_examples():
     task.add_expert_batch(inputs.expert[0], inputs.expert_ctx[0])
     task.set_drift(inputs.student[0][:2], inputs.student_ctx[0])
     phases.replay_expert(run, expert, task)
-    merged_drift = phases.measure_merged(run, merged, task)
-    assert torch.equal(task.drift, merged(inputs.student[0][:2]))  # the drift examples advanced
+    hidden = phases.measure_merged(run, merged, task)
+    assert torch.equal(hidden, merged(inputs.student[0][:2]))
+    assert task.drift is hidden  # the drift examples advanced
+    merged_drift = phases.drift(hidden, task.expert[0], None)
     assert merged_drift == pytest.approx(
         phases.drift(merged(inputs.student[0][:2]), expert(inputs.expert[0]), None)
     )

@@ -164,3 +164,28 @@ def _check_toy_kinds(family, method):
     reference_calibrate(family, ref, base, experts, data, cfg)
     _compare(family, ours, ref, merged)
     assert not report.warnings
+
+
+@pytest.mark.parametrize("sequential", ["sublayer", "group"])
+@pytest.mark.parametrize("family", [*FAMILIES, TOY_KINDS], ids=lambda f: f.name)
+def test_sequential_statistics_match_reference(family, sequential):
+    """Each step's statistics taken from the block as the steps before it left it (s.12)."""
+    with registered(STACK_ADAPTER):
+        base, experts, merged, data = setup(family)
+        cfg = FeatCalConfig(progress=False, sequential=sequential)
+        ours, ref, one_pass = copy.deepcopy(merged), copy.deepcopy(merged), copy.deepcopy(merged)
+        _, report = calibrate(ours, base=base, experts=experts, data=data, config=cfg)
+        reference_calibrate(family, ref, base, experts, data, cfg, sequential=sequential)
+        _compare(family, ours, ref, merged)
+        # the steps changed the result: it is not the one-pass method's
+        reference_calibrate(family, one_pass, base, experts, data, cfg)
+        got, once = (
+            features(family, ours, _fresh_batches(family)),
+            features(family, one_pass, _fresh_batches(family)),
+        )
+        assert ((got - once).norm() / once.norm()).item() > 1e-6
+    steps = [len(b.steps) for b in report.blocks]
+    if sequential == "sublayer":
+        assert steps == [3 if family is TOY_KINDS else 2] * len(steps)
+    else:  # q/k/v, out, fc1, fc2 and two norms (three groups in the toy's MLP; CLIP's last q alone)
+        assert min(steps) >= 6 and max(steps) <= 7

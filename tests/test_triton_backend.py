@@ -118,3 +118,8 @@ def test_calibrate_rmsnorm_and_conv1d_with_triton_equals_torch(triton_backend, m
     with registered(STACK_ADAPTER):
         used = _calibrate_both(TOY_KINDS, monkeypatch, cross_method="project")
     assert "norm_moments" in used
+
+
+def test_sequential_statistics_with_triton_equal_torch(triton_backend, monkeypatch):
+    used = _calibrate_both(CLIP_VISION, monkeypatch, sequential="group")
+    assert {"weighted_gram", "weighted_cross", "norm_moments"} <= used

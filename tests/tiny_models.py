@@ -53,6 +53,8 @@ class Family:
     make_batch: Callable[[torch.Generator, int], dict]
     class_focus: bool = False
     call_kwargs: dict = field(default_factory=dict)
+    # the modules of a block that open a sub-layer (reference_impl's sequential="sublayer")
+    sublayers: tuple[str, ...] = ()
 
 
 def _vision_batch(gen: torch.Generator, size: int) -> dict:
@@ -109,6 +111,7 @@ CLIP_VISION = Family(
     backbone=lambda m: m,
     make_batch=_vision_batch,
     class_focus=True,
+    sublayers=("layer_norm1", "layer_norm2"),
 )
 
 CLIP_FULL = Family(
@@ -132,6 +135,7 @@ CLIP_FULL = Family(
     backbone=lambda m: m.vision_model,
     make_batch=_vision_batch,
     class_focus=True,
+    sublayers=("layer_norm1", "layer_norm2"),
 )
 
 VIT = Family(
@@ -140,6 +144,7 @@ VIT = Family(
     blocks=lambda m: m.layers if hasattr(m, "layers") else m.encoder.layer,
     backbone=lambda m: m,
     make_batch=_vision_batch,
+    sublayers=("layernorm_before", "layernorm_after"),
 )
 
 _TEXT = dict(
@@ -160,6 +165,7 @@ def _text_family(name: str, model_cls, config_cls) -> Family:
         blocks=lambda m: m.encoder.layer,
         backbone=lambda m: m,
         make_batch=_text_batch,
+        sublayers=("attention.self.query", "intermediate.dense"),  # post-norm: the norms close them
     )
 
 
@@ -301,6 +307,7 @@ TOY_KINDS = Family(
     blocks=lambda m: m.blocks,
     backbone=lambda m: m,
     make_batch=lambda gen, size: {"x": torch.randn(size, 6, 3, generator=gen)},
+    sublayers=("ln_1", "ln_2", "ln_3"),
 )
 
 

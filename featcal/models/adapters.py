@@ -12,7 +12,8 @@ Optional fields: `backbone` (the module to call with a batch; by default the HF 
 task-head wrapper), `inputs` (batch keys passed to it), `token_mask` (padding mask of a batch,
 weight 0 for padding), `token_focus` (extra token weights per block and module), `run_block`,
 `module_kind` (which modules are calibrated, and as what; norms are found by their formula),
-`check_model` (refusals), and `encdec` for T5-style encoder-decoders.
+`check_model` (refusals), `post_norm` (norms that close a sub-layer) and `encdec` for T5-style
+encoder-decoders.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def no_focus(block_index: int, num_blocks: int, module_name: str) -> float | Non
     return None
 
 
+def pre_norms_only(module_name: str) -> bool:
+    return False
+
+
 def same_hidden(backbone: nn.Module, hidden: Tensor) -> Tensor:
     return hidden
 
@@ -144,6 +149,9 @@ class ModelAdapter:
         None); the default recognises Linear, Conv1D, LayerNorm and norms by their formula.
     hidden_argument: the keyword of the hidden states when a block gets them by keyword.
     check_model: (model, role) -> None, or an error for a layout featcal cannot calibrate.
+    post_norm: norm module name -> whether it normalises its sub-layer's output and so closes
+        the sub-layer (post-norm blocks: BERT; Gemma's post-attention norms) rather than opening
+        the next one; splits a block into sub-layers for `FeatCalConfig(sequential="sublayer")`.
     encdec: the T5-style fields (stages, computed block arguments, cross-attention memory).
     """
 
@@ -160,6 +168,7 @@ class ModelAdapter:
     module_kind: ModuleKind = module_kind
     hidden_argument: str = "hidden_states"
     check_model: Callable[[nn.Module, str], None] = refuse_mixed_layer_types
+    post_norm: Callable[[str], bool] = pre_norms_only
     encdec: EncoderDecoder = EncoderDecoder()
 
     def matches(self, model: nn.Module) -> bool:
@@ -201,6 +210,7 @@ BERT = ModelAdapter(
     classes=("BertPreTrainedModel", "RobertaPreTrainedModel"),
     blocks=lambda backbone: backbone.encoder.layer,
     inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"),
+    post_norm=lambda name: name.endswith("LayerNorm"),  # attention.output.LayerNorm, output.LayerNorm
 )
 
 DECODER_LM = ModelAdapter(

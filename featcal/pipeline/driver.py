@@ -4,9 +4,10 @@
         capture the block-0 inputs of every task (student and expert streams)
         for each block:
             discover the module groups
-            for each task:  accumulate -> reduce -> fold       (one task's sums alive at a time),
-                            then measure the merged model's drift
-            solve and write the block
+            for each step of the block (one, unless sequential statistics split it):
+                for each task:  accumulate -> reduce -> fold   (one task's sums alive at a time),
+                                then (first step) measure the merged model's drift
+                solve the step's groups and write them into the block
             for each task:  propagate, measure the calibrated drift
             write the block into the partial output (and maybe a stream snapshot), record it
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import ops
@@ -37,7 +38,7 @@ from ..errors import DamagedOutputError, FeatCalError, Location, add_note
 from ..io.block_files import ModuleOutput
 from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
-from ..models.modules import unknown_norms
+from ..models.modules import LINEAR, unknown_norms
 from ..models.sources import ModelLike, ModelSource, device_of, open_source
 from ..sizes import parse_bytes
 from .checks import check_architecture, check_batches, check_tasks
@@ -49,6 +50,7 @@ from .phases import (
     BlockRun,
     accumulate,
     discover,
+    drift,
     fold,
     later_contexts,
     measure_calibrated,
@@ -60,7 +62,7 @@ from .phases import (
     solve,
 )
 from .plan import BlockPlan
-from .report import BlockReport, CalibrationReport, DistributedReport, peak_cpu_rss_bytes
+from .report import BlockReport, CalibrationReport, DistributedReport, StepReport, peak_cpu_rss_bytes
 from .solver import BlockSystem
 from .stage_inputs import capture_stage, examples
 from .state import RunState
@@ -179,7 +181,7 @@ def _calibrate(
             out, resume, previous, cfg, batches, student, base_src, expert_srcs, device, comm
         )
         kept = comm.check("reading the partial output", partial.manifest.finished if partial else [])[0]
-        finished = [BlockReport(**b) for b in kept]
+        finished = [BlockReport.from_dict(b) for b in kept]
         with comm.guard():  # process 0's writes
             output = None
             if partial is not None:
@@ -551,56 +553,68 @@ def _calibrate_block(
     tokens: dict[str, int],
     comm: Collectives,
 ) -> BlockReport:
-    """The phases of one block, in order (see the module docstring)."""
+    """The phases of one block, in order (see the module docstring), once per step of the block
+    (one step unless config.sequential says otherwise, docs/algorithm.md s.12)."""
     index, cfg, device = run.index, run.config, run.device
     work = comm.work
     assert work is not None
     report = BlockReport(index=index, seconds=0.0, stage=run.where.stage)
-    merged_drift: dict[str, float] = {}
-    plan = system = None
-    if not state.tasks:  # this process has no work: it still takes part in the plan and the solve
+    merged_hidden: dict[str, Tensor] = {}  # of the drift examples, through the block as given
+    plan = steps = None
+    if not state.tasks:  # this process has no work: it still takes part in the plan and the solves
         plan, _ = _shared_plan(run, block, None, None, comm)
-        system = BlockSystem.zeros(plan, run.dtype, device)
-    for task, s in state.tasks.items():
-        with ExitStack() as held:
-            expert_block = None  # an expert block that cannot be read here fails this process alone
+        steps = _steps(run, plan)
+    k = 0
+    while steps is None or k < len(steps):
+        step_started = time.perf_counter()
+        system = None if steps is None else BlockSystem.zeros(steps[k], run.dtype, device)
+        for task, s in state.tasks.items():
+            with ExitStack() as held:
+                expert_block = None  # an expert block that cannot be read here fails this process alone
+                with comm.guard():
+                    expert_block = held.enter_context(experts[task].block(stage, index, device))
+                first = None
+                if plan is None:
+                    plan, first = _shared_plan(run, block, expert_block, s.inputs(), comm)
+                    steps = _steps(run, plan)
+                    system = BlockSystem.zeros(steps[0], run.dtype, device)
+                step, last_step = steps[k], k == len(steps) - 1
+                sums = new_sums(run, step, tokens[task])
+                outputs = s.new_stream("expert") if last_step else None
+                with comm.guard():
+                    if comm.ok:
+                        accumulate(
+                            run, step, block, expert_block, s.inputs(), sums, outputs, task=task, first=first
+                        )
+                reduced = reduce(
+                    sums, comm.task_all_reduce(task, f"reducing the sums of task {task!r}, {run.where}")
+                )
+                with comm.guard():
+                    if comm.ok and work.leader(task) == comm.rank:
+                        fold(run, system, reduced, expert_block, task)
+                    if comm.ok and last_step:
+                        s.advance_expert(
+                            outputs, later_contexts(run, expert_block, s.expert, s.expert_ctx, s.home)
+                        )
+            del sums, reduced, expert_block, first
             with comm.guard():
-                expert_block = held.enter_context(experts[task].block(stage, index, device))
-            first = None
-            if plan is None:
-                plan, first = _shared_plan(run, block, expert_block, s.inputs(), comm)
-                system = BlockSystem.zeros(plan, run.dtype, device)
-            sums = new_sums(run, plan, tokens[task])
-            outputs = s.new_stream("expert")
-            with comm.guard():
-                if comm.ok:
-                    accumulate(
-                        run, plan, block, expert_block, s.inputs(), sums, outputs, task=task, first=first
-                    )
-            reduced = reduce(
-                sums, comm.task_all_reduce(task, f"reducing the sums of task {task!r}, {run.where}")
-            )
-            with comm.guard():
-                if comm.ok and work.leader(task) == comm.rank:
-                    fold(run, system, reduced, expert_block, task)
-                if comm.ok:
-                    s.advance_expert(
-                        outputs, later_contexts(run, expert_block, s.expert, s.expert_ctx, s.home)
-                    )
-        del sums, reduced, expert_block, first
-        with comm.guard():
-            if comm.ok and s.drift is not None:
-                merged_drift[task] = measure_merged(run, block, s)
-    comm.check(f"accumulating {run.where}")
-
-    owners = solve_owners(plan, comm.world)
-    _solve_shared(run, stage, system, plan, block, base, owners, comm)
-    del system
+                if comm.ok and k == 0 and s.drift is not None:
+                    merged_hidden[task] = measure_merged(run, block, s)
+        comm.check(f"accumulating {run.where}")
+        step = steps[k]
+        _solve_shared(run, stage, system, step, block, base, solve_owners(step, comm.world), comm)
+        del system
+        names = [n for g in step.groups for n in g.names]
+        report.steps.append(StepReport(names, time.perf_counter() - step_started))
+        k += 1
 
     last = index == run.num_blocks - 1 and run.adapter.encdec.next_stage is None
+    merged_drift: dict[str, float] = {}
     calibrated_drift: dict[str, float] = {}
     with comm.guard():
         for task, s in state.tasks.items():
+            if task in merged_hidden:
+                merged_drift[task] = drift(merged_hidden[task], s.expert[0], s.weights[0])
             if not last:
                 propagate(run, block, s)
             if s.drift is not None:
@@ -613,6 +627,18 @@ def _calibrate_block(
         report.drift_merged = _mean(report.drift_merged_per_task.values())
         report.drift_calibrated = _mean(report.drift_calibrated_per_task.values())
     return report
+
+
+def _steps(run: BlockRun, plan: BlockPlan) -> list[BlockPlan]:
+    """The plans of the block's steps: the whole plan, or (sequential statistics) each step's
+    groups; a step of norms that are not calibrated is left out."""
+    cfg = run.config
+    steps = plan.steps(cfg.sequential, run.adapter.post_norm)
+    if len(steps) == 1:
+        return [plan]
+    if not cfg.calibrate_layernorm:
+        steps = [groups for groups in steps if any(plan.groups[g].kind == LINEAR for g in groups)]
+    return [plan.only(groups) for groups in steps]
 
 
 def _shared_plan(run: BlockRun, block: nn.Module, expert_block, inputs, comm: Collectives):

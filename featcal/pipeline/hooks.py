@@ -2,7 +2,7 @@
 
 On the expert block, hooks cache the module inputs and outputs the statistics need; on the
 merged block, pre-hooks feed each group's input straight into the sums, so no activation
-outlives its batch, and stop the forward after the plan's last module.
+outlives its batch, and stop the forward at the plan's last module.
 """
 
 from __future__ import annotations
@@ -28,13 +28,26 @@ def module_input(args: tuple, kwargs: dict) -> Tensor:
 
 @contextmanager
 def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[None]:
-    """While active, every forward of the expert block fills `cache`."""
+    """While active, every forward of the expert block fills `cache` (and, with
+    `cache.stop_early`, stops once the cache is complete)."""
+
+    def stop_if_complete() -> None:
+        if cache.stop_early and cache.complete():
+            stop_forward()
 
     def on_input(name):
-        return lambda module, args, kwargs: cache.on_input(name, module_input(args, kwargs))
+        def hook(module, args, kwargs):
+            cache.on_input(name, module_input(args, kwargs))
+            stop_if_complete()
+
+        return hook
 
     def on_output(name):
-        return lambda module, args, output: cache.on_output(name, output)
+        def hook(module, args, output):
+            cache.on_output(name, output)
+            stop_if_complete()
+
+        return hook
 
     handles = []
     try:

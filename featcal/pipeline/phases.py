@@ -10,8 +10,10 @@
                 the expert stream alone, forward only)
     measure     the report's drift, of the merged model as given and of the calibrated one
 
-accumulate and solve take the plan (or a plan cut to some groups, `BlockPlan.only`) they
-work on. The driver runs them in this order; nothing here keeps state between calls.
+accumulate, fold and solve take the plan (or a plan cut to some groups, `BlockPlan.only`) they
+work on: with sequential statistics (docs/algorithm.md s.12) the driver runs accumulate ->
+reduce -> fold -> solve once per step of the block, each on the block as the steps before it
+left it. The driver runs them in this order; nothing here keeps state between calls.
 """
 
 from __future__ import annotations
@@ -113,33 +115,38 @@ def accumulate(
     expert_block: nn.Module,
     inputs: BlockInputs,
     sums: TaskSums,
-    outputs: Sink,
+    outputs: Sink | None,
     *,
     task: str | None,
     first: FirstBatch | None = None,
 ) -> None:
     """Add one task's batches into `sums` (made for `plan`) and append the expert block's output
-    of each batch to `outputs`. The merged block runs uncalibrated and
-    stops after the plan's last module. `first`: batch 0 of the expert, already run."""
+    of each batch to `outputs`. The merged block runs as it is now and stops at the plan's last
+    module. Without `outputs` the expert block runs only until the sums have what they need
+    from it (not at all for norm groups alone). `first`: batch 0 of the expert, already run."""
     where = run.where.at(task=task)
     expert_mods = run.modules(expert_block)
     stats = Accumulator(
         sums, expert_mods, alpha=run.config.teacher_interp_alpha, tf32=run.config.allow_tf32, where=where
     )
-    cache = ExpertCache()
+    cache = ExpertCache(stop_early=outputs is None)
     cache.need_inputs, cache.need_outputs = sums.needs()
+    runs_expert = outputs is not None or not cache.complete()
     with expert_hooks(expert_mods, cache), student_hooks(plan, run.modules(block), stats, where):
         for i, (hidden, expert_hidden) in enumerate(zip(inputs.student, inputs.expert)):
+            out, batch_cache = None, cache
             if i == 0 and first is not None:
                 out, batch_cache = first.output, first.cache
-            else:
+            elif outputs is not None:
                 out = run_block(run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
-                batch_cache = cache
+            elif runs_expert:
+                run_until_stopped(run_block, run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
             stats.begin_batch(inputs.weights[i], batch_cache, inputs.memory_weights[i])
             run_until_stopped(run_block, run.adapter, block, hidden, inputs.student_ctx[i])
             stats.end_batch()
             batch_cache.clear()
-            outputs.append(out)
+            if outputs is not None:
+                outputs.append(out)
 
 
 def reduce(sums: TaskSums, all_reduce: AllReduce | None = None) -> TaskSums:
@@ -219,14 +226,14 @@ def _forward(run: BlockRun, block: nn.Module, hidden, contexts, outputs):
     return outputs
 
 
-def measure_merged(run: BlockRun, block: nn.Module, task: TaskState) -> float:
-    """The merged model as given: its uncalibrated block on the drift examples (which advances
-    them), and their drift from the expert's output (the task's expert stream, advanced)."""
+def measure_merged(run: BlockRun, block: nn.Module, task: TaskState) -> Tensor:
+    """The merged model as given: its uncalibrated block on the drift examples, which advances
+    them; returns their new hidden states (`drift` against the expert's output)."""
     ctx = task.drift_ctx
     later = later_contexts(run, block, [task.drift], [ctx], task.drift.device)
     hidden = run_block(run.adapter, block, task.drift, ctx)
     task.set_drift(hidden, ctx if later is None else later[0])
-    return drift(hidden, task.expert[0], task.weights[0])
+    return hidden
 
 
 def measure_calibrated(run: BlockRun, block: nn.Module, task: TaskState, propagated: bool) -> float:

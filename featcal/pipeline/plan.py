@@ -2,8 +2,9 @@
 
 Modules that read the same input tensor with the same token weighting form a group and share
 one Gram (q/k/v; gate/up). The groups are found once per block by watching one forward pass
-of an expert block; a plan can be cut to some of its groups (a later stage of a block works
-on the groups whose inputs the groups before it produce).
+of an expert block; a plan can be cut to some of its groups: with sequential statistics
+(docs/algorithm.md s.12) a block is solved in steps, each on the groups `BlockPlan.steps` gives
+it, with inputs produced by the groups the steps before it solved.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ class BlockPlan:
         names = {n for g in groups for n in g.names}
         order = [n for n in (self.order or [n for g in self.groups for n in g.names]) if n in names]
         return BlockPlan(groups, order[-1], [], order)
+
+    def steps(self, sequential: str, post_norm: Callable[[str], bool]) -> list[list[int]]:
+        """The groups of each step of the block, in forward order (docs/algorithm.md s.12).
+
+        "off": one step. "group": one per group. "sublayer": a sub-layer (attention, MLP, T5's
+        cross-attention) opens at a norm that follows a linear group of the current one, and
+        closes after a norm for which `post_norm(name)` holds: one applied to the sub-layer's
+        output (BERT's, Gemma's post-attention norm) rather than to its input.
+        """
+        indices = list(range(len(self.groups)))
+        if sequential == "off":
+            return [indices]
+        if sequential == "group":
+            return [[i] for i in indices]
+        steps: list[list[int]] = []
+        opens = True
+        for i, group in enumerate(self.groups):
+            norm = group.kind != LINEAR
+            is_post = norm and post_norm(group.leader.name)
+            has_linear = bool(steps) and any(self.groups[j].kind == LINEAR for j in steps[-1])
+            if opens or (norm and not is_post and has_linear):
+                steps.append([])
+            steps[-1].append(i)
+            opens = is_post
+        return steps
 
     def layout(self) -> tuple:
         """The plan by module names alone (no tensors, no modules): what another process needs

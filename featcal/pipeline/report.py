@@ -16,6 +16,15 @@ from ..io.atomic_file import atomic_file
 
 
 @dataclass
+class StepReport:
+    """One step of a block (one with sequential="off"): the modules it solved and its seconds
+    (accumulate to solve; the first step's include the groups' discovery and the merged drift)."""
+
+    modules: list[str]
+    seconds: float
+
+
+@dataclass
 class BlockReport:
     index: int
     seconds: float
@@ -24,6 +33,13 @@ class BlockReport:
     drift_calibrated: float | None = None
     drift_merged_per_task: dict[str, float] = field(default_factory=dict)
     drift_calibrated_per_task: dict[str, float] = field(default_factory=dict)
+    steps: list[StepReport] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BlockReport:
+        """The report of `asdict(report)` (as a partial output's manifest keeps it)."""
+        steps = [StepReport(**step) for step in data.get("steps", [])]
+        return cls(**{**data, "steps": steps})
 
 
 @dataclass
@@ -71,6 +87,15 @@ class CalibrationReport:
             f"{len(self.tasks)} tasks, {tokens} tokens, {len(self.blocks)} blocks on {self.device} "
             f"in {self.wall_seconds:.1f} s"
         )
+        sequential = self.config.get("sequential", "off")
+        if sequential != "off" and self.blocks:
+            counts = sorted({len(b.steps) for b in self.blocks})
+            steps = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+            later = sum(s.seconds for b in self.blocks for s in b.steps[1:])
+            lines.append(
+                f"sequential statistics by {sequential}: {steps} steps per block, "
+                f"{later:.1f} s in the steps after each block's first"
+            )
         if self.resumed_from is not None:
             r = self.resumed_from
             restored = r.get("restored_from_snapshot", 0)

@@ -120,11 +120,11 @@ class ExpertCache:
 
     With `record_all` it keeps every calibrated module's input and output and the call order
     (used once per block to discover the groups); otherwise only the inputs and outputs named
-    by the statistics.
+    by the statistics. With `stop_early` the forward may end once it has them all (`complete`).
     """
 
-    def __init__(self, record_all: bool = False) -> None:
-        self.record_all = record_all
+    def __init__(self, record_all: bool = False, stop_early: bool = False) -> None:
+        self.record_all, self.stop_early = record_all, stop_early
         self.need_inputs: set[str] = set()
         self.need_outputs: set[str] = set()
         self.inputs: dict[str, Tensor] = {}
@@ -140,6 +140,10 @@ class ExpertCache:
     def on_output(self, name: str, y: Tensor) -> None:
         if self.record_all or name in self.need_outputs:
             self.outputs[name] = y
+
+    def complete(self) -> bool:
+        """Whether every input and output the statistics need is recorded."""
+        return self.need_inputs <= self.inputs.keys() and self.need_outputs <= self.outputs.keys()
 
     def clear(self) -> None:
         self.inputs.clear()
