@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also calibrate with these examples per task",
     )
     demo.add_argument(
+        "--tune",
+        action="store_true",
+        help="pick lambda, rho and alpha by a coordinate sweep on validation images (never the test set)",
+    )
+    demo.add_argument(
         "--quick", action="store_true", help="a smaller model and shorter training (a smoke test)"
     )
     demo.add_argument("--cache-dir", type=Path, help="for the trained models (default: featcal's user cache)")
@@ -174,6 +179,7 @@ def run_demo(args: argparse.Namespace) -> None:
         density=args.density,
         featcal=FeatCalConfig(**_hyperparameters(args), drift_examples=None),
         sweep_samples=args.sweep_samples,
+        tune=args.tune,
         out=args.out,
         cache_dir=args.cache_dir,
         retrain=args.retrain,

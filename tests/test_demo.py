@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from featcal import FeatCalConfig
 from featcal.cli import main
 from featcal.demo import QUICK_RECIPE, DemoConfig, Recipe
 from featcal.demo.benchmark import (
@@ -15,8 +16,10 @@ from featcal.demo.benchmark import (
     select_tasks,
     task_inputs,
     translate,
+    validation_inputs,
 )
 from featcal.demo.cache import cache_file, flat_state, load_models, load_or_train
+from featcal.demo.tuning import GRID, coordinate_sweep
 from featcal.errors import FeatCalError
 from featcal.io.user_cache import user_cache_dir
 
@@ -89,6 +92,38 @@ def test_calibration_inputs_are_seeded_and_checked(split):
         select_tasks(["digits", "letters"])
     with pytest.raises(FeatCalError, match="named twice"):
         select_tasks(["digits", "digits"])
+
+
+def test_validation_images_are_labeled_and_never_calibration_images(split):
+    task = TASKS["parity"]
+    count, reserved = 900, 300
+    images, labels = validation_inputs(task, split, reserved, seed=0)
+    assert images.shape == (reserved, 1, 8, 8) and set(labels.tolist()) == {0, 1}
+    calibration = calibration_inputs(task, split, count, seed=0, reserved=reserved)
+    flat = lambda x: {tuple(row.tolist()) for row in x.reshape(len(x), -1)}  # noqa: E731
+    assert not flat(images) & flat(calibration)
+    available = len(split.train_images) - reserved
+    with pytest.raises(FeatCalError, match=f"holds {available} besides the validation images"):
+        calibration_inputs(task, split, available + 1, seed=0, reserved=reserved)
+
+
+def test_coordinate_sweep_finds_the_best_knob_of_each_axis():
+    best = {"lambda_ratio": 0.01, "anchor_blend_rho": 3.0, "teacher_interp_alpha": 1.0}
+    calls = []
+
+    def evaluate(config):  # separable, one maximum on the grid
+        calls.append(config)
+        return -sum(abs(getattr(config, k) - v) for k, v in best.items())
+
+    tuning = coordinate_sweep(evaluate, FeatCalConfig(progress=False))
+    assert tuning.chosen == best and tuning.validation == 0
+    # each configuration evaluated once: round 1 the start and 6 + 5 + 4 others; round 2, which
+    # changes nothing, 6 lambdas and 5 rhos at the new point (its alphas were round 1's last axis)
+    keys = {tuple(getattr(c, k) for k in GRID) for c in calls}
+    assert len(keys) == len(calls) == len(tuning.trials) == 1 + 15 + 11
+    assert all(c.sequential == "off" and not c.progress for c in calls)  # the rest of the config kept
+    flat = coordinate_sweep(lambda config: 0.5, FeatCalConfig(sequential="group"))
+    assert flat.chosen == {"lambda_ratio": 0.05, "anchor_blend_rho": 2.2, "teacher_interp_alpha": 0.25}
 
 
 def test_user_cache_dir(monkeypatch, tmp_path):
@@ -196,3 +231,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         n: r["expert"] for n, r in report["tasks"].items()
     }
     assert ties["average"]["featcal"] > ties["average"]["merged"]
+
+    # knobs tuned on validation images, with sequential statistics
+    assert main([*args, "--tune", "--sequential", "group"]) == 0
+    assert "picked by a coordinate sweep" in capsys.readouterr().out
+    tuned = json.loads((out / "report.json").read_text())
+    assert tuned["featcal"]["sequential"] == "group"
+    assert {k: tuned["featcal"][k] for k in GRID} == tuned["tuning"]["chosen"]
+    assert len(tuned["tuning"]["trials"]) >= 1 + sum(len(v) - 1 for v in GRID.values())
+    assert tuned["tuning"]["validation"] == max(t["validation"] for t in tuned["tuning"]["trials"])
+    assert tuned["calibration_report"]["config"]["sequential"] == "group"

@@ -135,14 +135,28 @@ def task_inputs(task: Task, images: Tensor, digits: Tensor) -> tuple[Tensor, Ten
     return pixel_values(task.transform(images)), task.label(digits)
 
 
-def calibration_inputs(task: Task, split: Split, count: int, seed: int) -> Tensor:
-    """`count` unlabeled training images of the task, drawn at random (seeded per task)."""
-    available = len(split.train_images)
+def _training_order(task: Task, split: Split, seed: int) -> Tensor:
+    """The task's training images in a random order (seeded per task): calibration draws take
+    them from the front, validation images from the back."""
+    generator = torch.Generator().manual_seed(seed + sum(map(ord, task.name)))
+    return torch.randperm(len(split.train_images), generator=generator)
+
+
+def calibration_inputs(task: Task, split: Split, count: int, seed: int, reserved: int = 0) -> Tensor:
+    """`count` unlabeled training images of the task, drawn at random (seeded per task), none of
+    them among the last `reserved` of its order (the validation images)."""
+    available = len(split.train_images) - reserved
     if not 1 <= count <= available:
         raise FeatCalError(
             f"task {task.name!r}: {count} calibration examples asked for, the training split "
-            f"holds {available} (choose 1..{available})"
+            f"holds {available}{' besides the validation images' if reserved else ''} (choose 1..{available})"
         )
-    generator = torch.Generator().manual_seed(seed + sum(map(ord, task.name)))
-    chosen = torch.randperm(available, generator=generator)[:count]
+    chosen = _training_order(task, split, seed)[:count]
     return pixel_values(task.transform(split.train_images[chosen]))
+
+
+def validation_inputs(task: Task, split: Split, count: int, seed: int) -> tuple[Tensor, Tensor]:
+    """`count` labeled training images of the task that no calibration draw of `calibration_inputs`
+    with reserved=count uses: the inputs and labels on which `--tune` scores."""
+    chosen = _training_order(task, split, seed)[len(split.train_images) - count :]
+    return task_inputs(task, split.train_images[chosen], split.train_digits[chosen])

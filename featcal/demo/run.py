@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__, extension
 from ..config import FeatCalConfig
@@ -25,10 +26,19 @@ from ..errors import FeatCalError
 from ..merging import task_arithmetic, ties_merging
 from ..pipeline.driver import calibrate
 from ..pipeline.report import CalibrationReport, write_json_atomic
-from .benchmark import Split, Task, calibration_inputs, load_digits_split, select_tasks, task_inputs
+from .benchmark import (
+    Split,
+    Task,
+    calibration_inputs,
+    load_digits_split,
+    select_tasks,
+    task_inputs,
+    validation_inputs,
+)
 from .cache import TrainedModels, load_or_train
 from .plot import plot_demo
 from .training import Recipe, accuracy
+from .tuning import GRID, Tuning, coordinate_sweep
 
 MERGE_METHODS = {"ta": "Task Arithmetic", "ties": "TIES"}
 DEFAULT_SCALING = {"ta": 0.3, "ties": 1.0}
@@ -44,6 +54,8 @@ class DemoConfig:
     density: the fraction of each task vector that TIES keeps.
     featcal: FeatCal's hyperparameters (the report's drift is measured on the whole first batch).
     sweep_samples: also calibrate with each of these numbers of examples per task.
+    tune: first pick lambda, rho and alpha by a coordinate sweep (featcal.demo.tuning) on
+    `validation_per_task` labeled training images per task that no calibration draw uses.
     out: directory for report.json and demo.png. cache_dir: where trained models are kept
     (None: featcal's user cache); retrain: ignore a cached entry.
     """
@@ -55,6 +67,8 @@ class DemoConfig:
     density: float = 0.2
     featcal: FeatCalConfig = field(default_factory=lambda: FeatCalConfig(drift_examples=None))
     sweep_samples: Sequence[int] = ()
+    tune: bool = False
+    validation_per_task: int = 300
     out: Path = Path("featcal-demo")
     cache_dir: Path | None = None
     retrain: bool = False
@@ -74,8 +88,9 @@ def run_demo(config: DemoConfig) -> dict:
     recipe = config.recipe
     tasks = select_tasks(recipe.tasks)
     split = load_digits_split(recipe.test_size, recipe.seed)
-    for count in (config.samples_per_task, *config.sweep_samples):
-        calibration_inputs(tasks[0], split, count, recipe.seed)  # refuses a bad count before training
+    reserved = config.validation_per_task if config.tune else 0
+    for count in (config.samples_per_task, *config.sweep_samples):  # a bad count, before training
+        calibration_inputs(tasks[0], split, count, recipe.seed, reserved)
     extension.load()  # a first run builds featcal._C here, outside the timed calibration
 
     models_start = time.perf_counter()
@@ -95,7 +110,13 @@ def run_demo(config: DemoConfig) -> dict:
 
     expert_acc = scores(models.experts)
     merged_acc = scores(everywhere(merged))
-    calibrated, report, seconds = _calibrate(models, merged, tasks, split, config.samples_per_task, config)
+    featcal_config, tuning = config.featcal, None
+    if config.tune:
+        tuning = _tune(models, merged, tasks, split, config)
+        featcal_config = replace(featcal_config, **tuning.chosen)
+    calibrated, report, seconds = _calibrate(
+        models, merged, tasks, split, config.samples_per_task, recipe.seed, featcal_config
+    )
     featcal_acc = scores(everywhere(calibrated))
 
     sweep = []
@@ -103,7 +124,9 @@ def run_demo(config: DemoConfig) -> dict:
         if count == config.samples_per_task:  # seeded, so the same run as above
             accuracies, sweep_seconds = featcal_acc, seconds
         else:
-            encoder, _, sweep_seconds = _calibrate(models, merged, tasks, split, count, config)
+            encoder, _, sweep_seconds = _calibrate(
+                models, merged, tasks, split, count, recipe.seed, featcal_config
+            )
             accuracies = scores(everywhere(encoder))
         sweep.append({"samples_per_task": count, "featcal": _mean(accuracies), "seconds": sweep_seconds})
 
@@ -130,6 +153,10 @@ def run_demo(config: DemoConfig) -> dict:
             "density": config.density if config.merge == "ties" else None,
         },
         "samples_per_task": config.samples_per_task,
+        "featcal": {name: getattr(featcal_config, name) for name in (*GRID, "sequential")},
+        "tuning": None
+        if tuning is None
+        else {**asdict(tuning), "validation_per_task": config.validation_per_task, "grid": GRID},
         "calibration_seconds": seconds,
         "drift": [
             {"block": b.index, "merged": b.drift_merged, "featcal": b.drift_calibrated} for b in report.blocks
@@ -167,17 +194,43 @@ def _merge(models: TrainedModels, config: DemoConfig):
     return ties_merging(models.base, models.experts, scaling=config.scaling, density=config.density)
 
 
+def _tune(models: TrainedModels, merged, tasks: list[Task], split: Split, config: DemoConfig) -> Tuning:
+    """The knobs of `coordinate_sweep`, scored on the validation images."""
+    started = time.perf_counter()
+    seed = config.recipe.seed
+    validation = {t.name: validation_inputs(t, split, config.validation_per_task, seed) for t in tasks}
+    bar = tqdm(desc="featcal demo: tuning", unit=" calibrations", disable=not config.progress)
+
+    def evaluate(featcal_config: FeatCalConfig) -> float:
+        encoder, _, _ = _calibrate(
+            models, merged, tasks, split, config.samples_per_task, seed, featcal_config
+        )
+        bar.update()
+        return _mean({t.name: accuracy(encoder, models.heads[t.name], *validation[t.name]) for t in tasks})
+
+    tuning = coordinate_sweep(evaluate, config.featcal)
+    bar.close()
+    tuning.seconds = time.perf_counter() - started
+    return tuning
+
+
 def _calibrate(
-    models: TrainedModels, merged, tasks: list[Task], split: Split, count: int, config: DemoConfig
+    models: TrainedModels,
+    merged,
+    tasks: list[Task],
+    split: Split,
+    count: int,
+    seed: int,
+    featcal_config: FeatCalConfig,
 ) -> tuple[torch.nn.Module, CalibrationReport, float]:
     """A calibrated copy of `merged` from `count` examples per task, its report, and the seconds
     that `featcal.calibrate` took."""
     student = copy.deepcopy(merged)
     data = {}
     for task in tasks:
-        inputs = calibration_inputs(task, split, count, config.recipe.seed)
+        inputs = calibration_inputs(task, split, count, seed)
         data[task.name] = [{"pixel_values": b} for b in inputs.split(CALIBRATION_BATCH)]
-    featcal_config = replace(config.featcal, progress=False)
+    featcal_config = replace(featcal_config, progress=False)
     start = time.perf_counter()
     report = calibrate(
         student, base=models.base, experts=models.experts, data=data, config=featcal_config
@@ -216,6 +269,7 @@ def summary(result: dict) -> str:
         f"calibration: {result['calibration_seconds']:.2f} s on the CPU from {result['samples_per_task']} "
         f"unlabeled examples per task; accuracy on {next(iter(result['tasks'].values()))['test_examples']} "
         "held-out examples per task",
+        _knobs(result),
     ]
     if result["sweep"]:
         lines += ["", f"{'examples per task':<20}{'+FeatCal average':>18}{'calibration s':>15}"]
@@ -225,3 +279,20 @@ def summary(result: dict) -> str:
     trained = "reused from" if models["reused"] else f"trained in {models['seconds']:.0f} s, cached in"
     lines += ["", f"models {trained} {models['cache']}; total {result['total_seconds']:.0f} s"]
     return "\n".join(lines)
+
+
+def _knobs(result: dict) -> str:
+    """FeatCal's knobs in the summary, and how --tune picked them."""
+    knobs = result["featcal"]
+    line = (
+        f"knobs: lambda {knobs['lambda_ratio']:g}, rho {knobs['anchor_blend_rho']:g}, "
+        f"alpha {knobs['teacher_interp_alpha']:g}, sequential statistics {knobs['sequential']}"
+    )
+    tuning = result["tuning"]
+    if tuning is None:
+        return line
+    return (
+        f"{line}; picked by a coordinate sweep of {len(tuning['trials'])} calibrations in "
+        f"{tuning['seconds']:.0f} s, scored on {tuning['validation_per_task']} validation images per "
+        f"task ({100 * tuning['validation']:.1f}%), never the test images"
+    )
