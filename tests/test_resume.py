@@ -23,7 +23,8 @@ from featcal import FeatCalConfig, FeatCalError, calibrate, task_arithmetic
 from featcal.cli import main
 from featcal.data import save_calibration_file
 from featcal.io.lazy_checkpoint import LazyCheckpoint
-from featcal.pipeline.partial_output import MANIFEST_FILE, partial_path
+from featcal.pipeline.fingerprint import LOCAL_SETTINGS
+from featcal.pipeline.partial_output import MANIFEST_FILE, Manifest, partial_path
 
 BLOCKS = 6
 
@@ -522,3 +523,12 @@ def test_a_damaged_snapshot_costs_only_replay(llama, interrupted, caplog):
     assert "the finished blocks are replayed instead" in caplog.text
     assert same_checkpoints(interrupted, reference)
     assert "restored_from_snapshot" not in _report(interrupted)["resumed_from"]
+
+
+def test_a_setting_added_since_the_manifest_counts_as_its_default():
+    """A partial output written before `sequential` existed resumes as sequential="off" only."""
+    settings = {k: v for k, v in FeatCalConfig().to_dict().items() if k not in LOCAL_SETTINGS}
+    old = Manifest("0", {k: v for k, v in settings.items() if k != "sequential"}, ["t"], {}, [2])
+    assert old.mismatch(Manifest("0", settings, ["t"], {}, [2])) is None
+    grouped = Manifest("0", {**settings, "sequential": "group"}, ["t"], {}, [2])
+    assert old.mismatch(grouped) == "its run had sequential='off', this one has sequential='group'"

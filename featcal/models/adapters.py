@@ -150,8 +150,8 @@ class ModelAdapter:
     hidden_argument: the keyword of the hidden states when a block gets them by keyword.
     check_model: (model, role) -> None, or an error for a layout featcal cannot calibrate.
     post_norm: norm module name -> whether it normalises its sub-layer's output and so closes
-        the sub-layer (post-norm blocks: BERT; Gemma's post-attention norms) rather than opening
-        the next one; splits a block into sub-layers for `FeatCalConfig(sequential="sublayer")`.
+        the sub-layer rather than opening the next one (post-norm blocks: BERT; a Gemma adapter
+        would name its post-attention norms); splits blocks for `FeatCalConfig(sequential=...)`.
     encdec: the T5-style fields (stages, computed block arguments, cross-attention memory).
     """
 

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import FeatCalConfig
 from ..errors import FeatCalError
 from ..io.atomic_file import atomic_file, fsync_path
 from ..io.checkpoint import check_output, rename_directory, sync_tree
@@ -70,8 +71,9 @@ class Manifest:
         """How the run `now` differs from the one that wrote this manifest (None: it may resume)."""
         if self.featcal_version != now.featcal_version:
             return f"it was written by featcal {self.featcal_version}, this is featcal {now.featcal_version}"
+        defaults = FeatCalConfig().to_dict()  # a setting added since: its default keeps old results
         for key in sorted(set(self.settings) | set(now.settings)):
-            before, after = self.settings.get(key), now.settings.get(key)
+            before, after = self.settings.get(key, defaults.get(key)), now.settings.get(key)
             if before != after:
                 return f"its run had {key}={before!r}, this one has {key}={after!r}"
         if self.tasks != now.tasks:

@@ -69,7 +69,7 @@ class BlockPlan:
         "off": one step. "group": one per group. "sublayer": a sub-layer (attention, MLP, T5's
         cross-attention) opens at a norm that follows a linear group of the current one, and
         closes after a norm for which `post_norm(name)` holds: one applied to the sub-layer's
-        output (BERT's, Gemma's post-attention norm) rather than to its input.
+        output (BERT's; Gemma's post-attention norm, for a Gemma adapter) rather than to its input.
         """
         indices = list(range(len(self.groups)))
         if sequential == "off":
