@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from tiny_models import CLIP_VISION, LLAMA, T5, setup
+from tiny_models import CLIP_VISION, LLAMA, T5, save_checkpoints, setup
 
 from featcal import FeatCalConfig, FeatCalError, calibrate
 
@@ -74,10 +74,7 @@ def in_memory(name: str, dtype, batches=BATCHES, **config):
 def write_checkpoints(root: Path) -> None:
     """The streamed case's models as sharded safetensors directories under `root`."""
     base, experts, merged, _ = _inputs(LLAMA, torch.float32)
-    base.save_pretrained(root / "base", max_shard_size="30KB")
-    merged.save_pretrained(root / "merged", max_shard_size="30KB")
-    for task, expert in experts.items():
-        expert.save_pretrained(root / task, max_shard_size="30KB")
+    save_checkpoints(root, base, experts, merged)
 
 
 def streamed(root: Path, rank: int, distributed: str):

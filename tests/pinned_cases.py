@@ -32,6 +32,7 @@ from tiny_models import (
     TOY_KINDS,
     VIT,
     registered,
+    save_checkpoints,
     setup,
 )
 
@@ -83,15 +84,11 @@ def in_memory(family, **config) -> dict[str, torch.Tensor]:
 
 def streamed(family, tmp: Path) -> dict[str, torch.Tensor]:
     base, experts, merged, data = setup(family, dtype=torch.float32)
-    base.save_pretrained(tmp / "base", max_shard_size="30KB")
-    merged.save_pretrained(tmp / "merged", max_shard_size="30KB")
-    for task, expert in experts.items():
-        expert.save_pretrained(tmp / task, max_shard_size="30KB")
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp, base, experts, merged)
     cfg = FeatCalConfig(progress=False, stream_placement="disk", offload_dir=str(tmp / "offload"))
     out, report = calibrate(
-        tmp / "merged", base=tmp / "base", experts={t: tmp / t for t in experts}, data=data, config=cfg,
-        out=tmp / "out",
-    )  # fmt: skip
+        merged_dir, base=base_dir, experts=expert_dirs, data=data, config=cfg, out=tmp / "out"
+    )
     return _collect(family, type(merged).from_pretrained(out), report)
 
 

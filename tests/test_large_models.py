@@ -20,6 +20,7 @@ from tiny_models import (
     T5,
     _t5_batch,
     _text_batch,
+    save_checkpoints,
     setup,
 )
 
@@ -37,15 +38,6 @@ def _stages(family, model):
     if family is T5:
         return [model.encoder.block, model.decoder.block]
     return [family.blocks(model)]
-
-
-def _save(root, base, experts, merged, shard="30KB"):
-    """Sharded checkpoints of every model; returns (base dir, expert dirs, merged dir)."""
-    base.save_pretrained(root / "base", max_shard_size=shard)
-    merged.save_pretrained(root / "merged", max_shard_size=shard)
-    for task, expert in experts.items():
-        expert.save_pretrained(root / task, max_shard_size=shard)
-    return root / "base", {t: root / t for t in experts}, root / "merged"
 
 
 @pytest.mark.parametrize("family", [LLAMA, MISTRAL, QWEN2, GPT2], ids=lambda f: f.name)
@@ -70,7 +62,7 @@ def test_streamed_from_disk_equals_in_memory(family, placement, tmp_path):
     in_memory = copy.deepcopy(merged)
     _, mem_report = calibrate(in_memory, base=base, experts=experts, data=data, config=QUIET)
 
-    base_dir, expert_dirs, merged_dir = _save(tmp_path, base, experts, merged)
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
     assert len(list(merged_dir.glob("model-*.safetensors"))) > 1
     out = tmp_path / "out"
     cfg = FeatCalConfig(progress=False, stream_placement=placement, offload_dir=str(tmp_path / "offload"))
@@ -91,7 +83,7 @@ def test_streamed_from_disk_equals_in_memory(family, placement, tmp_path):
 def test_reads_one_block_at_a_time(tmp_path, monkeypatch):
     """No read ever spans more than one block of one model, or its front (embeddings)."""
     base, experts, merged, data = setup(LLAMA, tasks=3, dtype=torch.float32)
-    base_dir, expert_dirs, merged_dir = _save(tmp_path, base, experts, merged)
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
     reads = []
     original = LazyCheckpoint.read
 
@@ -113,7 +105,7 @@ def test_reads_one_block_at_a_time(tmp_path, monkeypatch):
 
 def test_budget_too_small_is_refused_before_any_work(tmp_path, monkeypatch):
     base, experts, merged, data = setup(LLAMA, dtype=torch.float32)
-    base_dir, expert_dirs, merged_dir = _save(tmp_path, base, experts, merged)
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
 
     def no_block(*args, **kwargs):
         raise AssertionError("a block was read before the budget was checked")
@@ -205,7 +197,9 @@ def test_half_precision_checkpoints_calibrate_like_float32(dtype, tmp_path):
     want = copy.deepcopy(merged)
     calibrate(want, base=base, experts=experts, data=data, config=QUIET)
     half = [m.to(dtype) for m in (base, merged, *experts.values())]
-    base_dir, expert_dirs, merged_dir = _save(tmp_path, half[0], dict(zip(experts, half[2:])), half[1])
+    base_dir, expert_dirs, merged_dir = save_checkpoints(
+        tmp_path, half[0], dict(zip(experts, half[2:])), half[1]
+    )
     out = tmp_path / "out"
     calibrate(merged_dir, base=base_dir, experts=expert_dirs, data=data, config=QUIET, out=out)
     got = LazyCheckpoint(out)
@@ -222,7 +216,7 @@ def test_half_precision_checkpoints_calibrate_like_float32(dtype, tmp_path):
 
 def test_merged_path_needs_out(tmp_path):
     base, experts, merged, data = setup(LLAMA, dtype=torch.float32)
-    _, expert_dirs, merged_dir = _save(tmp_path, base, experts, merged)
+    _, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
     with pytest.raises(FeatCalError, match="give out="):
         calibrate(merged_dir, base=base, experts=expert_dirs, data=data, config=QUIET)
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, LLAMA, T5, setup
+from tiny_models import CLIP_VISION, LLAMA, T5, save_checkpoints, setup
 from transformers import CLIPVisionModel
 
 from featcal import FeatCalConfig, FeatCalError, calibrate
@@ -149,13 +149,6 @@ def test_group_steps_recover_the_expert_exactly_where_one_pass_cannot():
         assert one_pass[f"0.{name}.weight"] > 1e-3, name
 
 
-def _save(root, base, experts, merged):
-    base.save_pretrained(root / "base", max_shard_size="30KB")
-    merged.save_pretrained(root / "merged", max_shard_size="30KB")
-    for task, expert in experts.items():
-        expert.save_pretrained(root / task, max_shard_size="30KB")
-
-
 @pytest.mark.parametrize(
     "family,mode", [(LLAMA, "group"), (T5, "sublayer")], ids=["llama-group", "t5-sublayer"]
 )
@@ -164,14 +157,9 @@ def test_streamed_equals_in_memory(family, mode, tmp_path):
     cfg = FeatCalConfig(**QUIET, sequential=mode)
     in_memory = copy.deepcopy(merged)
     _, mem_report = calibrate(in_memory, base=base, experts=experts, data=data, config=cfg)
-    _save(tmp_path, base, experts, merged)
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
     out, _ = calibrate(
-        tmp_path / "merged",
-        base=tmp_path / "base",
-        experts={t: tmp_path / t for t in experts},
-        data=data,
-        config=cfg,
-        out=tmp_path / "out",
+        merged_dir, base=base_dir, experts=expert_dirs, data=data, config=cfg, out=tmp_path / "out"
     )
     loaded = type(merged).from_pretrained(out)
     for (name, want), got in zip(in_memory.state_dict().items(), loaded.state_dict().values()):

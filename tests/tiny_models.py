@@ -311,6 +311,15 @@ TOY_KINDS = Family(
 )
 
 
+def save_checkpoints(root, base, experts: dict, merged, shard: str = "30KB"):
+    """Sharded checkpoints of every model under `root`; returns (base dir, expert dirs, merged dir)."""
+    base.save_pretrained(root / "base", max_shard_size=shard)
+    merged.save_pretrained(root / "merged", max_shard_size=shard)
+    for task, expert in experts.items():
+        expert.save_pretrained(root / task, max_shard_size=shard)
+    return root / "base", {t: root / t for t in experts}, root / "merged"
+
+
 def same_checkpoints(a, b) -> bool:
     """Whether two safetensors checkpoint directories hold the same tensors, bit for bit."""
     from featcal.io.lazy_checkpoint import LazyCheckpoint

@@ -131,7 +131,7 @@ def accumulate(
     )
     cache = ExpertCache(stop_early=outputs is None)
     cache.need_inputs, cache.need_outputs = sums.needs()
-    runs_expert = outputs is not None or not cache.complete()
+    needs_expert = not cache.complete()  # norm groups alone read nothing of the expert
     with expert_hooks(expert_mods, cache), student_hooks(plan, run.modules(block), stats, where):
         for i, (hidden, expert_hidden) in enumerate(zip(inputs.student, inputs.expert)):
             out, batch_cache = None, cache
@@ -139,7 +139,7 @@ def accumulate(
                 out, batch_cache = first.output, first.cache
             elif outputs is not None:
                 out = run_block(run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
-            elif runs_expert:
+            elif needs_expert:
                 run_until_stopped(run_block, run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
             stats.begin_batch(inputs.weights[i], batch_cache, inputs.memory_weights[i])
             run_until_stopped(run_block, run.adapter, block, hidden, inputs.student_ctx[i])
