@@ -1,6 +1,8 @@
 """The benchmarks' summary table: per row the median time, the useful TFLOP/s, the share of a
 plain torch.matmul's rate in the same dtype on the same device, measured in the same run, the
-speed-up over the row named `reference` and, where measured, the peak memory above the inputs."""
+speed-up over the row named `reference`, where measured the peak memory above the inputs, and
+on a GPU of bench/roofline.py's table the share of the roofline's floor that the row reached
+(rows that give their fewest bytes)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ if CPU_MEMORY:
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
 
 import torch  # noqa: E402
+from roofline import current_device  # noqa: E402
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
@@ -69,11 +73,24 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
     return field("VmHWM") - before
 
 
+@dataclass(frozen=True)
+class Row:
+    case: str
+    impl: str
+    seconds: float
+    flops: float
+    dtype: torch.dtype
+    extra_bytes: int | None  # peak memory above the inputs
+    floor: float | None  # the roofline's seconds
+    error: float | None  # relative to float64
+
+
 class Summary:
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, float, float, torch.dtype, int | None]] = []
+        self.rows: list[Row] = []
         self.peaks: dict[torch.dtype, float] = {}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = current_device()
 
     def add(
         self,
@@ -83,29 +100,52 @@ class Summary:
         flops: float,
         dtype: torch.dtype,
         extra_bytes: int | None = None,
+        *,
+        nbytes: float | None = None,
+        precision: str = "ieee",
+        error: float | None = None,
     ) -> None:
+        """One row; `nbytes` (the fewest bytes the work must move) adds its roofline floor,
+        `error` the row's relative error against float64."""
         if dtype not in self.peaks:
             self.peaks[dtype] = matmul_rate(dtype, self.device)
-        self.rows.append((case, impl, seconds, flops, dtype, extra_bytes))
+        floor = None
+        if self.model is not None and nbytes is not None:
+            floor = self.model.floor(flops, nbytes, dtype, precision)
+        self.rows.append(Row(case, impl, seconds, flops, dtype, extra_bytes, floor, error))
 
     def lines(self) -> list[str]:
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
         out = [f"device: {name}; torch {torch.__version__}"]
+        if self.model is not None:
+            out.append(f"roofline: {self.model.name} datasheet rates (bench/roofline.py)")
         if CPU_MEMORY:
             out.append("FEATCAL_BENCH_MEMORY=1: allocators set up to measure memory; times not comparable")
         out += [f"torch.matmul peak {str(d)[6:]}: {r / 1e12:.2f} TFLOP/s" for d, r in self.peaks.items()]
-        head = ("case", "impl", "median ms", "TFLOP/s", "% of peak", "vs reference", "peak extra MB")
-        out.append(f"| {head[0]:<34} | {head[1]:<12} | " + " | ".join(f"{h:>13}" for h in head[2:]) + " |")
-        out.append("|" + "|".join("-" * w for w in (36, 14, 15, 15, 15, 15, 15)) + "|")
-        base = {case: s for case, impl, s, *_ in self.rows if impl == "reference"}
-        for case, impl, seconds, flops, dtype, extra in self.rows:
-            rate = flops / seconds
-            ratio = f"{base[case] / seconds:.2f}x" if case in base else "-"
-            mb = "-" if extra is None else f"{extra / 2**20:.0f}"
-            out.append(
-                f"| {case:<34} | {impl:<12} | {seconds * 1e3:>13.2f} | {rate / 1e12:>13.3f} "
-                f"| {100 * rate / self.peaks[dtype]:>12.1f}% | {ratio:>13} | {mb:>13} |"
+        head = (
+            "median ms",
+            "TFLOP/s",
+            "% of peak",
+            "vs reference",
+            "peak extra MB",
+            "% of roofline",
+            "rel error",
+        )
+        out.append(f"| {'case':<34} | {'impl':<12} | " + " | ".join(f"{h:>13}" for h in head) + " |")
+        out.append("|" + "|".join("-" * w for w in (36, 14, *[15] * len(head))) + "|")
+        base = {r.case: r.seconds for r in self.rows if r.impl == "reference"}
+        for r in self.rows:
+            rate = r.flops / r.seconds
+            cells = (
+                f"{r.seconds * 1e3:.2f}",
+                f"{rate / 1e12:.3f}",
+                f"{100 * rate / self.peaks[r.dtype]:.1f}%",
+                f"{base[r.case] / r.seconds:.2f}x" if r.case in base else "-",
+                "-" if r.extra_bytes is None else f"{r.extra_bytes / 2**20:.0f}",
+                "-" if r.floor is None else f"{100 * r.floor / r.seconds:.1f}%",
+                "-" if r.error is None else f"{r.error:.1e}",
             )
+            out.append(f"| {r.case:<34} | {r.impl:<12} | " + " | ".join(f"{c:>13}" for c in cells) + " |")
         return out
 
 

@@ -3,6 +3,7 @@
 The case: CLIP ViT-B/32 vision encoder (hidden 768, 12 blocks, 12 heads, MLP 3072, image 224,
 patch 32), random init with seed 0; 4 experts = base + Gaussian deltas of 5% of each tensor's
 std; Task Arithmetic 0.3; 32 random images per task, batch 16; float32; FeatCal defaults.
+`--tasks 8 --images 256 --device cuda` is the B32-TA8 case of the GPU run (bench/gpu/run.py).
 
 Implementations, each in its own process (so each peak RSS is its own), on the same case
 built from the same seeds; the parent compares their calibrated weights and final features
@@ -48,7 +49,7 @@ SCALING = 0.3
 IMPLEMENTATIONS = ("featcal", "reference", "compat")
 
 
-def build_case(layers: int = 12):
+def build_case(layers: int = 12, tasks: int = TASKS, images_per_task: int = IMAGES):
     """(base, experts, merged, images, eval_images), deterministic."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -66,7 +67,7 @@ def build_case(layers: int = 12):
     base = CLIPVisionModel(config).eval()
     gen = torch.Generator().manual_seed(SEED + 1)
     experts = {}
-    for t in range(TASKS):
+    for t in range(tasks):
         expert = copy.deepcopy(base)
         with torch.no_grad():
             for p in expert.parameters():
@@ -74,23 +75,28 @@ def build_case(layers: int = 12):
                     p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
         experts[f"task{t}"] = expert
     merged = featcal.task_arithmetic(base, experts, scaling=SCALING)
-    images = {t: torch.randn(IMAGES, 3, 224, 224, generator=gen) for t in experts}
+    images = {t: torch.randn(images_per_task, 3, 224, 224, generator=gen) for t in experts}
     eval_images = torch.randn(16, 3, 224, 224, generator=gen)
     return base, experts, merged, images, eval_images
 
 
-def run_featcal(case, drift_examples: int | None) -> float:
+def run_featcal(case, drift_examples: int | None, device: torch.device) -> float:
     import featcal
 
     base, experts, merged, images, _ = case
     config = featcal.FeatCalConfig(progress=False, drift_examples=drift_examples)
-    data = {
-        t: [{"pixel_values": x[i : i + BATCH]} for i in range(0, IMAGES, BATCH)] for t, x in images.items()
-    }
+    data = {t: [{"pixel_values": b} for b in x.split(BATCH)] for t, x in images.items()}
     featcal.extension.load()  # a first use compiles featcal._C; not part of the timed run
+    _sync(device)
     start = time.perf_counter()
-    featcal.calibrate(merged, base=base, experts=experts, data=data, config=config)
+    featcal.calibrate(merged, base=base, experts=experts, data=data, config=config, device=device)
+    _sync(device)
     return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def import_reference(src: str):
@@ -118,7 +124,7 @@ def import_reference(src: str):
     return ref
 
 
-def run_reference(case, src: str, compat: bool) -> float:
+def run_reference(case, src: str, compat: bool, device: torch.device) -> float:
     ref = import_reference(src)
     if compat:
         import featcal
@@ -136,35 +142,39 @@ def run_reference(case, src: str, compat: bool) -> float:
             first = ref._clip_first_layer_input
             with torch.no_grad():
                 student = {
-                    t: [first(merged_model, images[t][i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
-                    for t in tasks
+                    t: [first(merged_model, b.to(device)) for b in images[t].split(BATCH)] for t in tasks
                 }
                 expert = {
-                    t: [first(expert_models[t], images[t][i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
-                    for t in tasks
+                    t: [first(expert_models[t], b.to(device)) for b in images[t].split(BATCH)] for t in tasks
                 }
             return student, expert
 
-    calibrator = Calibrator(ref.FeatCalConfig(), processor=None, device=torch.device("cpu"))
+    for model in (base, merged, *experts.values()):
+        model.to(device)
+    calibrator = Calibrator(ref.FeatCalConfig(), processor=None, device=device)
+    _sync(device)
     start = time.perf_counter()
     calibrator.calibrate(merged_model=merged, base_model=base, expert_models=experts, tasks=list(experts))
+    _sync(device)
     return time.perf_counter() - start
 
 
-def child(which: str, out: str, src: str | None, layers: int, drift_examples: int | None) -> None:
+def child(which: str, out: str, src: str | None, args: argparse.Namespace) -> None:
     """Build the case, run one implementation, save its weights and final features."""
     import resource
 
     from safetensors.torch import save_file
 
-    case = build_case(layers)
+    device = torch.device(args.device)
+    case = build_case(args.layers, args.tasks, args.images)
     if which == "featcal":
-        seconds = run_featcal(case, drift_examples)
+        seconds = run_featcal(case, args.drift_examples, device)
     else:
-        seconds = run_reference(case, src, compat=which == "compat")
-    merged, eval_images = case[2], case[4]
+        seconds = run_reference(case, src, compat=which == "compat", device=device)
+    merged, eval_images = case[2].to(device), case[4].to(device)
     with torch.no_grad():
-        feats = merged(pixel_values=eval_images).last_hidden_state
+        feats = merged(pixel_values=eval_images).last_hidden_state.cpu()
+    merged.cpu()
     tensors = {f"param.{k}": v.contiguous() for k, v in merged.state_dict().items()}
     tensors["features"] = feats.contiguous()
     save_file(tensors, out)
@@ -210,11 +220,19 @@ def main() -> None:
     parser.add_argument(
         "--drift-examples", type=int, help="featcal's drift_examples (default: FeatCalConfig's)"
     )
+    parser.add_argument("--tasks", type=int, default=TASKS, help=f"experts (default {TASKS}; B32-TA8: 8)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=IMAGES,
+        help=f"calibration images per task (default {IMAGES}; B32-TA8: 256)",
+    )
+    parser.add_argument("--device", default="cpu", help="where every implementation runs (default cpu)")
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.out, args.reference, args.layers, args.drift_examples)
+        child(args.child, args.out, args.reference, args)
         return
 
     import featcal
@@ -232,7 +250,15 @@ def main() -> None:
             for which in runs:
                 out = os.path.join(tmp, f"{which}.safetensors")
                 cmd = [sys.executable, __file__, "--child", which, "--out", out, "--layers", str(args.layers)]
-                cmd += ["--drift-examples", str(drift)]
+                cmd += [
+                    "--drift-examples",
+                    str(drift),
+                    "--tasks",
+                    str(args.tasks),
+                    "--images",
+                    str(args.images),
+                ]
+                cmd += ["--device", args.device]
                 if args.reference:
                     cmd += ["--reference", args.reference]
                 proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -243,9 +269,12 @@ def main() -> None:
             for which in runs
             if which != "reference" and "reference" in runs
         }
+    name = f"B32-{args.tasks}x{args.images}" + ("" if args.layers == 12 else f" ({args.layers} blocks)")
+    device = torch.device(args.device)
     summary = {
-        "case": "B32-4x32" if args.layers == 12 else f"B32-4x32 ({args.layers} blocks)",
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "case": name,
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "featcal_config": {"drift_examples": drift},

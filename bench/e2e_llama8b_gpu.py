@@ -4,7 +4,8 @@
 small), bfloat16, random weights; the base, 4 experts (base plus random task vectors) and their
 Task Arithmetic merge are sharded safetensors checkpoints on disk. 128 sequences of 2048 tokens
 per task, batches of 4, under `--max-gpu-memory 12GiB`: the plan puts the hidden-state streams
-in pinned CPU memory. Run on a GPU machine:
+in pinned CPU memory. `--blocks`, `--experts` and `--sequences` shrink it (bench/gpu/run.py
+takes 2, 2 and 32). Run on a GPU machine:
 
     python bench/e2e_llama8b_gpu.py --workdir /tmp/llama8b --json bench/results/h100-llama8b-streamed.json
 
@@ -49,14 +50,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--max-gpu-memory", default="12GiB")
+    parser.add_argument("--blocks", type=int, default=FULL["num_hidden_layers"], help="decoder blocks")
+    parser.add_argument("--sequences", type=int, default=128, help="sequences of 2048 tokens per task")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
     args = parser.parse_args()
 
     from featcal import FeatCalConfig, calibrate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = TINY if args.tiny else FULL
-    sequences, tokens, batch = (8, 64, 4) if args.tiny else (128, 2048, 4)
+    config = {**(TINY if args.tiny else FULL), "num_hidden_layers": args.blocks}
+    sequences, tokens, batch = (8, 64, 4) if args.tiny else (args.sequences, 2048, 4)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="featcal-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -9,10 +9,12 @@ d 4096 and 14336), each ending in G_t and Q_t = C_t W_t^T per module, computed t
     torch       featcal's accumulator with FEATCAL_BACKEND=torch
     triton      featcal's accumulator with the Triton kernels (CUDA only)
 
-Kernel rows time `weighted_gram` (lower tiles) and `weighted_cross` alone at the Llama-3-8B
-shapes. Every row checks its result against the reference before timing. Useful flops: a Gram
-counts n d (d + 1) (its distinct entries), a cross product 2 n dx dy, and the block rows count
-featcal's formulation, so the reference's redundant work shows as a lower rate. "% of peak" is
+Kernel rows time `weighted_gram` (lower tiles) and `weighted_cross` alone at ViT-B/32 and
+Llama-3-8B shapes (float32 with each of the three precisions, with its error against float64),
+against torch.matmul and bench/roofline.py's floor. Every row checks its result against the
+reference before timing. Useful flops: a Gram counts n d (d + 1) (its distinct entries), a cross
+product 2 n dx dy, and the block rows count featcal's formulation, so the reference's
+redundant work shows as a lower rate. "% of peak" is
 against a plain torch.matmul of the same dtype on the same device, measured in the same run.
 
     pytest bench/ --benchmark-only            (the summary table prints at the end)
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import roofline
 import torch
 from torch import nn
 
@@ -119,7 +122,7 @@ class _Case:
         attn = [ModuleRef(name, LINEAR, m) for name, m in self.attn.items()]
         return [Group(LINEAR, attn, None), Group(LINEAR, [ModuleRef("mlp", LINEAR, self.mlp)], None)]
 
-    def featcal(self, tf32: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def featcal(self, precision: str = "ieee") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """G_t and Q_t per module through featcal's accumulator and normalisation."""
         groups = self._groups()
         expert = {ref.name: ref for g in groups for ref in g.members}
@@ -127,7 +130,7 @@ class _Case:
             BlockPlan(groups, "mlp"), tokens=self.shape.n, alpha=ALPHA, cross_method="auto",
             dtype=torch.float32, device=_device(),
         )  # fmt: skip
-        stats = Accumulator(sums, expert, alpha=ALPHA, tf32=tf32, where=Location(block=0))
+        stats = Accumulator(sums, expert, alpha=ALPHA, precision=precision, where=Location(block=0))
         cache = ExpertCache()
         cache.need_inputs, cache.need_outputs = sums.needs()
         for b in range(self.shape.batches):
@@ -190,16 +193,17 @@ def _time(benchmark, fn, rounds: int) -> float:
     return benchmark.stats.stats.median
 
 
-def _tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+def _tolerance(dtype: torch.dtype, precision: str = "ieee") -> float:
     # the reference multiplies in the activations' dtype; bf16 rounds every product sum to 8 bits
-    return {torch.float32: 3e-3 if tf32 else 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    float32 = {"ieee": 1e-4, "tf32": 3e-3, "tf32x3": 1e-4}[precision]
+    return {torch.float32: float32, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
 
 
 BLOCK_ROWS = [
     pytest.param(shape, dtype, impl, id=f"{shape.name}-{str(dtype)[6:]}-{impl}")
     for shape, dtype in ((VIT_B32, torch.float32), (VIT_B32, torch.bfloat16), (LLAMA3_8B, torch.bfloat16))
-    for impl in ("reference", "torch", "triton", "triton-tf32")
-    if not (impl == "triton-tf32" and dtype != torch.float32)
+    for impl in ("reference", "torch", "triton", "triton-tf32", "triton-tf32x3")
+    if not (impl.startswith("triton-") and dtype != torch.float32)
 ]
 
 
@@ -213,52 +217,65 @@ def test_block_statistics(benchmark, summary, monkeypatch, shape, dtype, impl):
         pytest.skip("16-bit models are timed on a GPU only")
     monkeypatch.setenv("FEATCAL_BACKEND", "triton" if impl.startswith("triton") else "torch")
     case = _case(shape, dtype)
-    tf32 = impl == "triton-tf32"
-    fn = case.reference if impl == "reference" else (lambda: case.featcal(tf32=tf32))
-    _check(fn(), case.want(), _tolerance(dtype, tf32))
+    precision = impl.removeprefix("triton-") if impl.startswith("triton-") else "ieee"
+    fn = case.reference if impl == "reference" else (lambda: case.featcal(precision=precision))
+    _check(fn(), case.want(), _tolerance(dtype, precision))
     seconds = _time(benchmark, fn, rounds=5 if CUDA else 2)
     summary.add(f"block {shape.name} {str(dtype)[6:]}", impl, seconds, case.useful_flops(), dtype)
 
 
+BF16, FP32 = torch.bfloat16, torch.float32
 KERNEL_ROWS = [
-    pytest.param(op, n, dx, dy, impl, id=f"{op}-{dx}x{dy}-{impl}")
-    for op, n, dx, dy in (
-        ("gram", 4096, 4096, 4096),
-        ("gram", 4096, 14336, 14336),
-        ("cross", 4096, 4096, 4096),
-        ("cross", 4096, 14336, 4096),
+    pytest.param(
+        op, n, dx, dy, dtype, precision, impl, id=f"{op}-{n}-{dx}x{dy}-{str(dtype)[6:]}-{precision}-{impl}"
     )
+    for op, n, dx, dy, dtype, precisions in (
+        ("gram", 12800, 768, 768, BF16, ["ieee"]),  # ViT-B/32: attention input, 256 images
+        ("gram", 12800, 3072, 3072, BF16, ["ieee"]),  # ViT-B/32: MLP input
+        ("cross", 12800, 3072, 768, BF16, ["ieee"]),
+        ("gram", 12800, 768, 768, FP32, ["ieee", "tf32", "tf32x3"]),
+        ("gram", 4096, 4096, 4096, BF16, ["ieee"]),  # Llama-3-8B: 2 x 2048 tokens
+        ("gram", 4096, 14336, 14336, BF16, ["ieee"]),
+        ("cross", 4096, 4096, 4096, BF16, ["ieee"]),
+        ("cross", 4096, 14336, 4096, BF16, ["ieee"]),
+    )
+    for precision in precisions
     for impl in ("torch", "triton")
+    if not (impl == "torch" and precision != "ieee")
 ]
 
 
-@pytest.mark.parametrize("op,n,dx,dy,impl", KERNEL_ROWS)
-def test_kernel_bf16(benchmark, summary, monkeypatch, op, n, dx, dy, impl):
+@pytest.mark.parametrize("op,n,dx,dy,dtype,precision,impl", KERNEL_ROWS)
+def test_kernel(benchmark, summary, monkeypatch, op, n, dx, dy, dtype, precision, impl):
+    """One Gram (lower tiles, then mirrored) or cross product, its relative error against
+    float64 and its share of torch.matmul's rate and of the roofline."""
     if not CUDA:
-        pytest.skip("Llama-3-8B kernel shapes need a GPU")
+        pytest.skip("the kernels are timed on a GPU (the interpreter is a test tool)")
     if impl == "triton":
         _need_compiled_triton()
     monkeypatch.setenv("FEATCAL_BACKEND", impl)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, dx, generator=gen).cuda().bfloat16()
-    y = x if op == "gram" else torch.randn(n, dy, generator=gen).cuda().bfloat16()
+    gen = torch.Generator().manual_seed(n + dx + dy)
+    x = torch.randn(n, dx, generator=gen).cuda().to(dtype)
+    y = x if op == "gram" else torch.randn(n, dy, generator=gen).cuda().to(dtype)
     w = torch.rand(n, generator=gen).cuda()
-    out = torch.zeros(dx, dy, device="cuda")
+    out = torch.full((dx, dy), float("nan"), device="cuda")
 
     def run():
         out.zero_()
         if op == "gram":
-            ops.complete_gram(ops.weighted_gram(x, w, out, lower_only=True))
+            ops.complete_gram(ops.weighted_gram(x, w, out, lower_only=True, precision=precision))
         else:
-            ops.weighted_cross(x, y, w, out)
+            ops.weighted_cross(x, y, w, out, precision=precision)
         _sync()
 
     run()
-    want = (x.float() * w[:, None]).T @ y.float()
-    assert ((out - want).norm() / want.norm()).item() < 1e-2
-    flops = n * dx * (dx + 1) if op == "gram" else 2 * n * dx * dy
+    want = (x.double() * w.double()[:, None]).T @ y.double()
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert error < (1e-2 if dtype == BF16 or precision == "tf32" else 1e-4), f"relative error {error:.2e}"
+    work = roofline.gram_work(n, dx, dtype) if op == "gram" else roofline.cross_work(n, dx, dy, dtype)
     seconds = _time(benchmark, run, rounds=10)
-    summary.add(f"{op} n={n} {dx}x{dy} bf16", impl, seconds, flops, torch.bfloat16)
+    case = f"{op} n={n} {dx}x{dy} {str(dtype)[6:]} {precision}"
+    summary.add(case, impl, seconds, work[0], dtype, nbytes=work[1], precision=precision, error=error)
 
 
 def _need_compiled_triton() -> None:

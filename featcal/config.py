@@ -11,6 +11,10 @@ CROSS_METHODS = ("auto", "cross", "project")
 STREAM_PLACEMENTS = ("auto", "device", "cpu", "disk")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 SEQUENTIAL_MODES = ("off", "sublayer", "group")
+# How float32 products run on a GPU's Triton kernels: IEEE fp32 FMAs on the CUDA cores; TF32 on
+# the matrix units (10-bit mantissa: about 3 significant digits per product); or tf32x3, three
+# TF32 products of the operands' high and low parts (near-fp32 accuracy on the matrix units).
+FLOAT32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 @dataclass
@@ -31,8 +35,10 @@ class FeatCalConfig:
         calibrated model, is measured on the first `drift_examples` examples of each task's first
         batch (None: the whole first batch; 0: no drift). The merged model's drift costs one
         extra block forward on these examples.
-    allow_tf32: let float32 activations use TF32 matrix units in the Triton statistics kernels
-        (about 10 bits of mantissa per product; faster on GPUs). Off: full float32 products.
+    float32_precision: how the Triton statistics kernels multiply float32 activations on a GPU:
+        "ieee" (full float32 products, the CUDA cores), "tf32" (the matrix units, about 10 bits
+        of mantissa per product, fastest) or "tf32x3" (the matrix units, three TF32 products per
+        product: near-fp32 accuracy). 16-bit activations always multiply exactly.
     stream_placement: where the hidden-state streams between blocks live: "device", "cpu"
         (pinned, the next batch prefetched), "disk" (memory-mapped files in `offload_dir`), or
         "auto": the first of these that fits `max_gpu_memory` / `max_cpu_memory`.
@@ -60,7 +66,7 @@ class FeatCalConfig:
     calibrate_layernorm: bool = True
     cross_method: str = "auto"
     drift_examples: int | None = 4
-    allow_tf32: bool = False
+    float32_precision: str = "ieee"
     stream_placement: str = "auto"
     max_gpu_memory: int | str | None = None
     max_cpu_memory: int | str | None = None
@@ -83,6 +89,10 @@ class FeatCalConfig:
             raise FeatCalError(
                 f"distributed={self.distributed!r} is not one of {', '.join(DISTRIBUTED_MODES)}"
             )
+        if self.float32_precision not in FLOAT32_PRECISIONS:
+            raise FeatCalError(
+                f"float32_precision={self.float32_precision!r} is not one of {', '.join(FLOAT32_PRECISIONS)}"
+            )
         if self.sequential not in SEQUENTIAL_MODES:
             raise FeatCalError(f"sequential={self.sequential!r} is not one of {', '.join(SEQUENTIAL_MODES)}")
         if not self.distributed_timeout > 0:
@@ -99,3 +109,12 @@ class FeatCalConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def upgrade(settings: dict) -> dict:
+        """Settings written by an earlier featcal in today's names (allow_tf32 became
+        float32_precision)."""
+        settings = dict(settings)
+        if "allow_tf32" in settings:
+            settings["float32_precision"] = "tf32" if settings.pop("allow_tf32") else "ieee"
+        return settings

@@ -130,14 +130,14 @@ def weighted_gram(
     *,
     lower_only: bool = False,
     out_sum: Tensor | None = None,
-    tf32: bool = False,
+    precision: str = "ieee",
 ) -> Tensor:
     """out += x^T diag(w) x for x of shape (n, d); returns out (d, d).
 
     With `out_sum`, also out_sum += sum_n w_n x_n in the same pass. With `lower_only`, only
     entries on and below the diagonal are sure to be accumulated; call `complete_gram(out)`
-    once when accumulation is complete. `tf32` lets float32 inputs use TF32 matrix units
-    (Triton on CUDA only).
+    once when accumulation is complete. `precision` is how the Triton kernels multiply float32
+    inputs on a GPU (config.FLOAT32_PRECISIONS); PyTorch always multiplies in full float32.
     """
     x = _matrix(x, "x")
     n, d = x.shape
@@ -147,7 +147,7 @@ def weighted_gram(
     _check_weights(w, n)
     kernels = _kernels_for("weighted_gram", out, x)
     if kernels is not None:
-        return kernels.weighted_gram(x, w, out, lower_only=lower_only, out_sum=out_sum, tf32=tf32)
+        return kernels.weighted_gram(x, w, out, lower_only=lower_only, out_sum=out_sum, precision=precision)
     xa = x.to(out.dtype)
     xw = _apply_weights(xa, w)
     if out_sum is not None:
@@ -182,11 +182,11 @@ def weighted_cross(
     out: Tensor | None = None,
     *,
     out_sum_y: Tensor | None = None,
-    tf32: bool = False,
+    precision: str = "ieee",
 ) -> Tensor:
     """out += x^T diag(w) y for x (n, dx) and y (n, dy); returns out (dx, dy).
 
-    With `out_sum_y`, also out_sum_y += sum_n w_n y_n in the same pass; `tf32` as in
+    With `out_sum_y`, also out_sum_y += sum_n w_n y_n in the same pass; `precision` as in
     `weighted_gram`.
     """
     x = _matrix(x, "x")
@@ -199,7 +199,7 @@ def weighted_cross(
     _check_weights(w, x.shape[0])
     kernels = _kernels_for("weighted_cross", out, x, y)
     if kernels is not None:
-        return kernels.weighted_cross(x, y, w, out, out_sum_y=out_sum_y, tf32=tf32)
+        return kernels.weighted_cross(x, y, w, out, out_sum_y=out_sum_y, precision=precision)
     ya = y.to(out.dtype)
     if out_sum_y is not None:
         _torch_weighted_sum(ya, w, out_sum_y)

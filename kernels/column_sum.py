@@ -6,18 +6,23 @@ float32 and adds atomically into `out`.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .launch import (
     INTERPRETED,
+    SUPPORTED_DTYPES,
+    KernelVariant,
     check_accumulator,
     check_inputs,
     check_weights,
     load_tile,
+    load_weights,
     on_device,
     placeholder,
+    weight_stride,
 )
 
 
@@ -33,9 +38,9 @@ BLOCK_N = 32
 SPLIT_N = 4 if INTERPRETED else 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _weighted_sum_kernel(
-    x_ptr, w_ptr, out_ptr, n, d, stride_n, stride_d,
+    x_ptr, w_ptr, out_ptr, n, d, stride_n, stride_d, stride_w,
     splits, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -50,9 +55,9 @@ def _weighted_sum_kernel(
         in_rows = rows < row_stop
         x = load_tile(x_ptr, rows, in_rows, stride_n, col_off, in_cols).to(tl.float32)
         if HAS_W:
-            x = x * tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)[:, None]
+            x = x * load_weights(w_ptr, rows, in_rows, stride_w)[:, None]
         acc += tl.sum(x, axis=0)
-    tl.atomic_add(out_ptr + cols, acc, mask=in_cols)
+    tl.atomic_add(out_ptr + cols, acc, mask=in_cols, sem="relaxed")
 
 
 def weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
@@ -60,14 +65,32 @@ def weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
     check_inputs("weighted_sum", x)
     n, d = x.shape
     check_accumulator("weighted_sum", out, (d,), x.device)
-    check_weights("weighted_sum", w, n, x.device)
+    w = check_weights("weighted_sum", w, n, x.device)
     if n == 0:
         return out
     split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))
     grid = (triton.cdiv(d, BLOCK_D), split)
     with on_device(x):
         _weighted_sum_kernel[grid](
-            x, placeholder(x.device) if w is None else w, out, n, d, x.stride(0), x.stride(1), split,
+            x, placeholder(x.device) if w is None else w, out,
+            n, d, x.stride(0), x.stride(1), weight_stride(w), split,
             HAS_W=w is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return out
+
+
+def compile_variants() -> list[KernelVariant]:
+    """What `weighted_sum` can launch: every input dtype, with and without weights."""
+    return [
+        KernelVariant(
+            fn=_weighted_sum_kernel,
+            dtype=str(dtype).removeprefix("torch."),
+            flags="w" if has_w else "-",
+            pointers={"x_ptr": dtype, "w_ptr": torch.float32, "out_ptr": torch.float32},
+            constexprs={"HAS_W": has_w, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D},
+            divisible=("d", "stride_n"),
+            unit=("stride_d", "stride_w"),
+        )
+        for dtype in SUPPORTED_DTYPES
+        for has_w in (False, True)
+    ]

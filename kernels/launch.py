@@ -4,11 +4,15 @@ and the strided tile load."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from featcal.config import FLOAT32_PRECISIONS
 
 # True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors
 # through Triton's interpreter, and not compiled on a GPU.
@@ -40,20 +44,33 @@ def check_accumulator(name: str, out: Tensor, shape: tuple[int, ...], device: to
         )
 
 
-def check_weights(name: str, w: Tensor | None, n: int, device: torch.device) -> None:
+def check_weights(name: str, w: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+    """w as the kernels read it: None, or n float32 weights on `device` of any stride (w[i] at
+    w_ptr + i * w.stride(0)); weights of another dtype are converted."""
     if w is not None and (w.dim() != 1 or w.shape[0] != n or w.device != device):
         raise ValueError(f"{name}: w must have shape ({n},) on {device}, got {tuple(w.shape)} on {w.device}")
+    return w if w is None or w.dtype == torch.float32 else w.to(torch.float32)
 
 
-def dot_options(*dtypes: torch.dtype, tf32: bool = False) -> dict:
+def weight_stride(w: Tensor | None) -> int:
+    return 0 if w is None else w.stride(0)
+
+
+def dot_options(*dtypes: torch.dtype, precision: str = "ieee") -> dict:
     """UPCAST and PRECISION for kernels that call tl.dot on operands of these dtypes.
 
     Operands are upcast to float32 before the dot when their dtypes differ, and for bfloat16
-    in the interpreter, whose bf16 dot returns garbage (Triton 3.9). float32 dots use IEEE
-    precision unless `tf32` is asked for.
+    in the interpreter, whose bf16 dot returns garbage (Triton 3.9). `precision` applies to
+    float32 dots (those with an upcast or float32 operands); 16-bit dots, and every dot in the
+    interpreter, are exact products with float32 sums and get "ieee".
     """
+    if precision not in FLOAT32_PRECISIONS:
+        raise ValueError(
+            f"float32 precision must be one of {', '.join(FLOAT32_PRECISIONS)}, got {precision!r}"
+        )
     upcast = len(set(dtypes)) > 1 or (INTERPRETED and torch.bfloat16 in dtypes)
-    return {"UPCAST": upcast, "PRECISION": "tf32" if tf32 and not INTERPRETED else "ieee"}
+    float32_dot = upcast or torch.float32 in dtypes
+    return {"UPCAST": upcast, "PRECISION": precision if float32_dot and not INTERPRETED else "ieee"}
 
 
 def on_device(t: Tensor) -> contextlib.AbstractContextManager:
@@ -79,3 +96,32 @@ def load_tile(ptr, rows, in_rows, stride_rows, col_offsets, in_cols):
         mask=in_rows[:, None] & in_cols[None, :],
         other=0.0,
     )
+
+
+@triton.jit
+def load_weights(w_ptr, rows, in_rows, stride_w):
+    """Token weights w[rows] as float32 from a strided vector, 0 where masked."""
+    return tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=in_rows, other=0.0).to(tl.float32)
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compilation a launcher can ask for: a kernel, the dtypes of its pointers and the
+    constexprs it passes (tile constexprs included), for `compile_check` to build ahead of time.
+
+    Integer arguments are compiled as a contiguous, 16-byte aligned launch specialises them: the
+    pointers, `divisible` arguments (row strides, widths) divisible by 16, and the `unit`
+    arguments (column strides) equal to 1.
+    """
+
+    fn: Any
+    dtype: str
+    flags: str
+    pointers: dict[str, torch.dtype]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    scalars: dict[str, str] = field(default_factory=dict)
+    divisible: tuple[str, ...] = ()
+    unit: tuple[str, ...] = ()
+    shared_bound: int | None = None  # bytes the tuner assumes when it prunes; None: not tuned

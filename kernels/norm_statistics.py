@@ -1,9 +1,10 @@
 """Moments of normalised tokens: out_sum += sum_n w_n z_n and out_sq += sum_n w_n z_n^2.
 
 z = (x - mean(x)) / sqrt(var(x) + eps) per token (LayerNorm, biased variance) or
-z = x / sqrt(mean(x^2) + eps) (RMSNorm), without affine. Program s owns BLOCK_N tokens: it
-finds their mean and variance in two passes over their columns, then normalises them column
-block by column block and adds the weighted column sums atomically. z is never written out.
+z = x / sqrt(mean(x^2) + eps) (RMSNorm), without affine. A first kernel finds each token's
+mean and 1/std (two passes over its columns, into an (n, 2) scratch); a second sums w z and
+w z^2 over row slices, one column block per program, and adds its sums atomically once. z is
+never written out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_accumulator, check_inputs, check_weights, load_tile, on_device, placeholder
+from .launch import (
+    INTERPRETED,
+    SUPPORTED_DTYPES,
+    KernelVariant,
+    check_accumulator,
+    check_inputs,
+    check_weights,
+    load_tile,
+    load_weights,
+    on_device,
+    placeholder,
+    weight_stride,
+)
 
 
 def reference(
@@ -32,13 +45,17 @@ def reference(
 
 BLOCK_N = 16
 BLOCK_D = 128
+# Row slices of the moment pass: each program adds into its columns once, so at most
+# SPLIT_N programs meet at one address.
+SPLIT_N = 4 if INTERPRETED else 64
 
 
-@triton.jit
-def _norm_moments_kernel(
-    x_ptr, w_ptr, sum_ptr, sq_ptr, n, d, stride_n, stride_d, eps,
-    HAS_W: tl.constexpr, RMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+@triton.jit(do_not_specialize=["n"])
+def _row_scale_kernel(
+    x_ptr, scale_ptr, n, d, stride_n, stride_d, eps,
+    RMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """scale[r] = (mean, 1 / std) of row r: two passes over its columns (mean 0 for RMSNorm)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < n
     mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -55,20 +72,40 @@ def _norm_moments_kernel(
         mask = in_rows[:, None] & (cols < d)[None, :]
         centred = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)
         var += tl.sum(centred * centred, axis=1)
-    rstd = 1.0 / tl.sqrt(var / d + eps)
-    if HAS_W:
-        wn = tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
-    else:
-        wn = tl.where(in_rows, 1.0, 0.0)
-    for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        in_cols = cols < d
-        mask = in_rows[:, None] & in_cols[None, :]
-        x = load_tile(x_ptr, rows, in_rows, stride_n, cols.to(tl.int64) * stride_d, in_cols)
-        z = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
-        wz = tl.where(mask, z * wn[:, None], 0.0)
-        tl.atomic_add(sum_ptr + cols, tl.sum(wz, axis=0), mask=in_cols)
-        tl.atomic_add(sq_ptr + cols, tl.sum(wz * z, axis=0), mask=in_cols)
+    tl.store(scale_ptr + 2 * rows, mean, mask=in_rows)
+    tl.store(scale_ptr + 2 * rows + 1, 1.0 / tl.sqrt(var / d + eps), mask=in_rows)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _norm_moments_kernel(
+    x_ptr, w_ptr, scale_ptr, sum_ptr, sq_ptr, n, d, stride_n, stride_d, stride_w, splits,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (j, s): columns j * BLOCK_D ... over the s-th row slice, summed in registers."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_cols = cols < d
+    col_off = cols.to(tl.int64) * stride_d
+    rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
+    row_start = tl.program_id(1) * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(row_start, row_stop, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        in_rows = rows < row_stop
+        x = load_tile(x_ptr, rows, in_rows, stride_n, col_off, in_cols).to(tl.float32)
+        mean = tl.load(scale_ptr + 2 * rows, mask=in_rows, other=0.0)
+        rstd = tl.load(scale_ptr + 2 * rows + 1, mask=in_rows, other=0.0)
+        z = (x - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            wz = z * load_weights(w_ptr, rows, in_rows, stride_w)[:, None]
+        else:
+            wz = z
+        wz = tl.where(in_rows[:, None] & in_cols[None, :], wz, 0.0)
+        acc += tl.sum(wz, axis=0)
+        acc_sq += tl.sum(wz * z, axis=0)
+    tl.atomic_add(sum_ptr + cols, acc, mask=in_cols, sem="relaxed")
+    tl.atomic_add(sq_ptr + cols, acc_sq, mask=in_cols, sem="relaxed")
 
 
 def norm_moments(
@@ -86,13 +123,43 @@ def norm_moments(
     n, d = x.shape
     check_accumulator("norm_moments", out_sum, (d,), x.device)
     check_accumulator("norm_moments", out_sq, (d,), x.device)
-    check_weights("norm_moments", w, n, x.device)
+    w = check_weights("norm_moments", w, n, x.device)
     if n == 0:
         return out_sum, out_sq
+    scale = torch.empty(n, 2, dtype=torch.float32, device=x.device)
+    split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))
     with on_device(x):
-        _norm_moments_kernel[(triton.cdiv(n, BLOCK_N),)](
-            x, placeholder(x.device) if w is None else w, out_sum, out_sq,
-            n, d, x.stride(0), x.stride(1), float(eps),
-            HAS_W=w is not None, RMS=rms, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        _row_scale_kernel[(triton.cdiv(n, BLOCK_N),)](
+            x, scale, n, d, x.stride(0), x.stride(1), float(eps), RMS=rms, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+        )
+        _norm_moments_kernel[(triton.cdiv(d, BLOCK_D), split)](
+            x, placeholder(x.device) if w is None else w, scale, out_sum, out_sq,
+            n, d, x.stride(0), x.stride(1), weight_stride(w), split,
+            HAS_W=w is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return out_sum, out_sq
+
+
+def compile_variants() -> list[KernelVariant]:
+    """What `norm_moments` can launch: both kernels for every input dtype, LayerNorm and RMSNorm,
+    with and without weights."""
+    float32 = torch.float32
+    variants = []
+    for dtype in SUPPORTED_DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        for rms in (False, True):
+            variants.append(KernelVariant(
+                fn=_row_scale_kernel, dtype=name, flags="rms" if rms else "layernorm",
+                pointers={"x_ptr": dtype, "scale_ptr": float32},
+                constexprs={"RMS": rms, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D},
+                scalars={"eps": "fp32"}, divisible=("d", "stride_n"), unit=("stride_d",),
+            ))  # fmt: skip
+        for has_w in (False, True):
+            variants.append(KernelVariant(
+                fn=_norm_moments_kernel, dtype=name, flags="w" if has_w else "-",
+                pointers={"x_ptr": dtype, "w_ptr": float32, "scale_ptr": float32}
+                | {"sum_ptr": float32, "sq_ptr": float32},
+                constexprs={"HAS_W": has_w, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D},
+                divisible=("d", "stride_n"), unit=("stride_d", "stride_w"),
+            ))  # fmt: skip
+    return variants

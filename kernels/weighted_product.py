@@ -4,8 +4,8 @@ One kernel serves both. Program (i, j, s) owns output tile (i, j) and the s-th o
 slices of the rows. It streams its slice of x and y once, with int64 row offsets so strided
 (n, d) views of (batch, tokens, d) states need no copy, multiplies on the matrix units with a
 float32 accumulator and adds the tile into `out` (atomically when SPLIT_K > 1). The weighted
-column sums ride along: programs of tile column 0 add sum_n w_n x_n to `sum_x`, programs of
-tile row 0 add sum_n w_n y_n to `sum_y`.
+column sums, when asked for, are one pass of `column_sum.weighted_sum` after it. The tile
+config is picked per problem by `autotune.Tuner`.
 
 For the Gram with `lower_only`, tiles wholly above the diagonal are skipped, so every entry
 (r, c) with r >= c is accumulated; `mirror_lower` copies the strict lower triangle up once,
@@ -14,19 +14,29 @@ when accumulation ends.
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .autotune import TileConfig, Tuner, device_shared_memory, fitting
+from .column_sum import weighted_sum
 from .launch import (
+    FLOAT32_PRECISIONS,
     INTERPRETED,
+    SUPPORTED_DTYPES,
+    KernelVariant,
     check_accumulator,
     check_inputs,
     check_weights,
     dot_options,
     load_tile,
+    load_weights,
     on_device,
     placeholder,
+    weight_stride,
 )
 
 
@@ -36,34 +46,54 @@ def reference(x: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
     return (x64 if w is None else x64 * w.double()[:, None]).mT @ y64
 
 
-def _configs() -> list[triton.Config]:
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
-        (128, 128, 64, 1, 8, 3),
-        (128, 128, 64, 4, 8, 3),
-        (128, 256, 64, 1, 8, 3),
-        (128, 128, 32, 2, 4, 4),
-        (128, 64, 64, 2, 4, 4),
-        (64, 128, 64, 2, 4, 4),
-        (64, 64, 64, 8, 4, 4),
-        (64, 64, 32, 4, 4, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=st)
-        for m, n, k, s, w, st in shapes
-    ]
+def _tiles(*shapes: tuple[int, int, int, int, int, int]) -> list[TileConfig]:
+    return [TileConfig(*shape[:4], num_warps=shape[4], num_stages=shape[5]) for shape in shapes]
 
 
-# Tile sizes in the interpreter, where each program costs Python time and no config is timed.
-INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}
+# Tile configs per kind of dot, chosen so that no variant spills registers on sm_80 or sm_90
+# (bench/results/compile-check.md): 16-bit operands on the matrix units; float32 (or upcast)
+# operands with TF32, with tf32x3 (three products: more live registers, smaller tiles), and with
+# IEEE precision, FMAs on the CUDA cores (each thread holds its share of the tile: smaller still).
+#   BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
+CONFIGS = {
+    "16-bit": _tiles(
+        (128, 128, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4), (64, 256, 64, 1, 8, 3), (128, 64, 64, 2, 8, 4),
+        (128, 64, 64, 4, 8, 4), (64, 128, 64, 2, 4, 4), (64, 64, 64, 4, 4, 4), (64, 64, 32, 8, 4, 3),
+    ),
+    "tf32": _tiles(
+        (128, 128, 64, 1, 8, 3), (128, 128, 32, 1, 8, 3), (128, 128, 32, 2, 8, 4), (128, 64, 64, 2, 8, 3),
+        (128, 64, 32, 2, 4, 4), (64, 128, 32, 2, 4, 4), (64, 64, 64, 4, 4, 4), (64, 64, 32, 8, 4, 3),
+    ),
+    "tf32x3": _tiles(
+        (128, 64, 32, 1, 8, 3), (128, 64, 32, 2, 8, 3), (64, 128, 32, 1, 8, 3), (64, 128, 32, 2, 8, 3),
+        (64, 64, 32, 2, 4, 3), (64, 64, 32, 8, 4, 3),
+    ),
+    "ieee": _tiles(
+        (64, 64, 32, 1, 8, 3), (64, 64, 16, 4, 8, 3), (128, 64, 16, 2, 8, 3), (64, 64, 16, 2, 8, 3),
+        (64, 64, 16, 8, 4, 3), (64, 32, 32, 4, 4, 3), (32, 32, 32, 8, 4, 3),
+    ),
+}  # fmt: skip
 
 
-@triton.jit
+def dot_kind(x_dtype: torch.dtype, y_dtype: torch.dtype, precision: str) -> str:
+    """The CONFIGS key of a compiled dot: "16-bit" when both operands are one 16-bit dtype, else
+    the float32 precision (mixed dtypes are upcast)."""
+    return "16-bit" if x_dtype == y_dtype != torch.float32 else precision
+
+
+# Tiles in the interpreter, where each program costs Python time and no config is timed.
+INTERPRETER_CONFIG = TileConfig(block_m=64, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=1)
+# Whether launches pick a config with the tuner (compiled kernels) or take INTERPRETER_CONFIG.
+TUNING = not INTERPRETED
+tuner = Tuner()
+
+
+@triton.jit(do_not_specialize=["n"])
 def _weighted_product_kernel(
-    x_ptr, y_ptr, w_ptr, out_ptr, sum_x_ptr, sum_y_ptr,
+    x_ptr, y_ptr, w_ptr, out_ptr,
     n, dx, dy,
-    stride_xn, stride_xd, stride_yn, stride_yd, stride_om, stride_on,
-    HAS_W: tl.constexpr, LOWER: tl.constexpr, SUM_X: tl.constexpr, SUM_Y: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    stride_xn, stride_xd, stride_yn, stride_yd, stride_w, stride_om, stride_on,
+    HAS_W: tl.constexpr, LOWER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -82,47 +112,25 @@ def _weighted_product_kernel(
     col_off_x = cols_x.to(tl.int64) * stride_xd
     col_off_y = cols_y.to(tl.int64) * stride_yd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(row_start, row_stop, BLOCK_K):
         rows = start + tl.arange(0, BLOCK_K)
         in_rows = rows < row_stop
         a = load_tile(x_ptr, rows, in_rows, stride_xn, col_off_x, in_x)
         b = load_tile(y_ptr, rows, in_rows, stride_yn, col_off_y, in_y)
-        if HAS_W:
-            wk = tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
-            aw = a.to(tl.float32) * wk[:, None]
-            if SUM_Y:
-                sy += tl.sum(b.to(tl.float32) * wk[:, None], axis=0)
-        else:
-            aw = a.to(tl.float32)
-            if SUM_Y:
-                sy += tl.sum(b.to(tl.float32), axis=0)
-        if SUM_X:
-            sx += tl.sum(aw, axis=0)
+        # The weights scale y's tile, whose rows they index in its loaded layout, so x's tile
+        # reaches the dot unchanged (transposed only).
         if UPCAST:
-            acc = tl.dot(tl.trans(aw), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(tl.trans(aw.to(a.dtype)), b, acc, input_precision=PRECISION)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if HAS_W:
+            b = (b.to(tl.float32) * load_weights(w_ptr, rows, in_rows, stride_w)[:, None]).to(b.dtype)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
     out_ptrs = out_ptr + cols_x.to(tl.int64)[:, None] * stride_om + cols_y.to(tl.int64)[None, :] * stride_on
     in_out = in_x[:, None] & in_y[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, tl.load(out_ptrs, mask=in_out) + acc, mask=in_out)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=in_out)
-    if SUM_X:
-        if pid_n == 0:
-            tl.atomic_add(sum_x_ptr + cols_x, sx, mask=in_x)
-    if SUM_Y:
-        if pid_m == 0:
-            tl.atomic_add(sum_y_ptr + cols_y, sy, mask=in_y)
-
-
-_tuned_kernel = triton.autotune(
-    configs=_configs(),
-    key=["dx", "dy", "LOWER", "PRECISION"],
-    restore_value=["out_ptr", "sum_x_ptr", "sum_y_ptr"],
-)(_weighted_product_kernel)
+        tl.atomic_add(out_ptrs, acc, mask=in_out, sem="relaxed")
 
 
 @triton.jit
@@ -140,47 +148,45 @@ def _mirror_lower_kernel(g_ptr, d, stride_r, stride_c, BLOCK: tl.constexpr):
     tl.store(g_ptr + cols64[None, :] * stride_r + rows64[:, None] * stride_c, tile, mask=strict)
 
 
-def _launch(
-    x: Tensor,
-    y: Tensor,
-    w: Tensor | None,
-    out: Tensor,
-    sum_x: Tensor | None,
-    sum_y: Tensor | None,
-    *,
-    lower: bool,
-    tf32: bool,
-) -> Tensor:
+def _launch(x: Tensor, y: Tensor, w: Tensor | None, out: Tensor, *, lower: bool, precision: str) -> Tensor:
+    if SUPPORTED_DTYPES.index(x.dtype) > SUPPORTED_DTYPES.index(y.dtype):
+        _launch(y, x, w, out.mT, lower=lower, precision=precision)  # x^T W y = (y^T W x)^T
+        return out
     n, dx = x.shape
     dy = y.shape[1]
-    spare = placeholder(x.device)
-    args = (
-        x, y, spare if w is None else w, out,
-        spare if sum_x is None else sum_x, spare if sum_y is None else sum_y,
-        n, dx, dy,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-    )  # fmt: skip
-    flags = {
-        "HAS_W": w is not None,
-        "LOWER": lower,
-        "SUM_X": sum_x is not None,
-        "SUM_Y": sum_y is not None,
-        **dot_options(x.dtype, y.dtype, tf32=tf32),
-    }
     if n == 0:
         return out
+    options = dot_options(x.dtype, y.dtype, precision=precision)
+    flags = {"HAS_W": w is not None, "LOWER": lower, **options}
+
+    def launch(config: TileConfig, into: Tensor) -> None:
+        grid = (triton.cdiv(dx, config.block_m), triton.cdiv(dy, config.block_n), config.split_k)
+        _weighted_product_kernel[grid](
+            x, y, placeholder(x.device) if w is None else w, into,
+            n, dx, dy,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), weight_stride(w),
+            into.stride(0), into.stride(1),
+            **flags, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+
     with on_device(x):
-        if INTERPRETED:
-            c = INTERPRETER_CONFIG
-            grid = (triton.cdiv(dx, c["BLOCK_M"]), triton.cdiv(dy, c["BLOCK_N"]), c["SPLIT_K"])
-            _weighted_product_kernel[grid](*args, **flags, **c)
+        if TUNING:
+            key = (x.device, x.dtype, y.dtype, dx, dy, *flags.values())
+            x_bytes, y_bytes = x.element_size(), y.element_size()
+            limit = device_shared_memory(x.device)
+            kind = dot_kind(x.dtype, y.dtype, precision)
+            candidates = fitting(CONFIGS[kind], limit, x_bytes, y_bytes, float32_dot=kind != "16-bit")
+            scratch: list[Tensor] = []  # allocated on the first trial only, and only if one runs
+
+            def trial(config: TileConfig) -> None:
+                if not scratch:
+                    scratch.append(torch.zeros_like(out))
+                launch(config, scratch[0])
+
+            config = tuner.choose(key, candidates, trial)
         else:
-            grid = lambda meta: (  # noqa: E731
-                triton.cdiv(dx, meta["BLOCK_M"]),
-                triton.cdiv(dy, meta["BLOCK_N"]),
-                meta["SPLIT_K"],
-            )
-            _tuned_kernel[grid](*args, **flags)
+            config = INTERPRETER_CONFIG
+        launch(config, out)
     return out
 
 
@@ -191,20 +197,23 @@ def weighted_gram(
     *,
     lower_only: bool = False,
     out_sum: Tensor | None = None,
-    tf32: bool = False,
+    precision: str = "ieee",
 ) -> Tensor:
     """out += x^T diag(w) x (x: (n, d); out: float32 (d, d)); out_sum += sum_n w_n x_n if given.
 
     With `lower_only`, entries above the diagonal may be left partly accumulated; call
-    `mirror_lower(out)` once at the end.
+    `mirror_lower(out)` once at the end. `precision` ("ieee", "tf32", "tf32x3") is how float32
+    products run on a GPU (launch.FLOAT32_PRECISIONS).
     """
     check_inputs("weighted_gram", x)
     n, d = x.shape
     check_accumulator("weighted_gram", out, (d, d), x.device)
     if out_sum is not None:
         check_accumulator("weighted_gram sum", out_sum, (d,), x.device)
-    check_weights("weighted_gram", w, n, x.device)
-    _launch(x, x, w, out, out_sum, None, lower=lower_only, tf32=tf32)
+    w = check_weights("weighted_gram", w, n, x.device)
+    _launch(x, x, w, out, lower=lower_only, precision=precision)
+    if out_sum is not None:
+        weighted_sum(x, w, out_sum)
     return out
 
 
@@ -215,10 +224,10 @@ def weighted_cross(
     out: Tensor,
     *,
     out_sum_y: Tensor | None = None,
-    tf32: bool = False,
+    precision: str = "ieee",
 ) -> Tensor:
     """out += x^T diag(w) y (x: (n, dx), y: (n, dy); out: float32 (dx, dy));
-    out_sum_y += sum_n w_n y_n if given."""
+    out_sum_y += sum_n w_n y_n if given; `precision` as in `weighted_gram`."""
     check_inputs("weighted_cross", x, y)
     n, dx = x.shape
     if y.shape[0] != n:
@@ -226,20 +235,67 @@ def weighted_cross(
     check_accumulator("weighted_cross", out, (dx, y.shape[1]), x.device)
     if out_sum_y is not None:
         check_accumulator("weighted_cross sum", out_sum_y, (y.shape[1],), x.device)
-    check_weights("weighted_cross", w, n, x.device)
-    _launch(x, y, w, out, None, out_sum_y, lower=False, tf32=tf32)
+    w = check_weights("weighted_cross", w, n, x.device)
+    _launch(x, y, w, out, lower=False, precision=precision)
+    if out_sum_y is not None:
+        weighted_sum(y, w, out_sum_y)
     return out
 
 
 MIRROR_BLOCK = 64
 
 
+def _pairs() -> list[tuple[torch.dtype, torch.dtype]]:
+    """The (x, y) dtypes the kernel is launched with: mixed pairs in SUPPORTED_DTYPES order."""
+    return [(d, d) for d in SUPPORTED_DTYPES] + list(itertools.combinations(SUPPORTED_DTYPES, 2))
+
+
+def _flag_combinations() -> list[tuple[torch.dtype, torch.dtype, str, bool, bool]]:
+    """(x dtype, y dtype, precision, lower, weighted) for every launch a GPU can receive."""
+    combos = []
+    for x_dtype, y_dtype in _pairs():
+        float32_dot = x_dtype != y_dtype or x_dtype == torch.float32
+        for precision in FLOAT32_PRECISIONS if float32_dot else ("ieee",):
+            for lower in (False, True) if x_dtype == y_dtype else (False,):
+                combos += [(x_dtype, y_dtype, precision, lower, has_w) for has_w in (False, True)]
+    return combos
+
+
+def compile_variants() -> list[KernelVariant]:
+    """What `weighted_gram`, `weighted_cross` and `mirror_lower` can launch on a GPU: every dtype
+    pair, float32 precision, weighting, lower-triangle flag and tile config."""
+    float32 = torch.float32
+    variants = []
+    for x_dtype, y_dtype, precision, lower, has_w in _flag_combinations():
+        name = " x ".join(dict.fromkeys(str(t).removeprefix("torch.") for t in (x_dtype, y_dtype)))
+        flags = " ".join(f for f in (precision, "lower" if lower else "", "w" if has_w else "") if f)
+        kind = dot_kind(x_dtype, y_dtype, precision)
+        sizes = {"x_bytes": x_dtype.itemsize, "y_bytes": y_dtype.itemsize, "float32_dot": kind != "16-bit"}
+        for config in CONFIGS[kind]:
+            variants.append(KernelVariant(
+                fn=_weighted_product_kernel, dtype=name, flags=flags,
+                pointers={"x_ptr": x_dtype, "y_ptr": y_dtype, "w_ptr": float32, "out_ptr": float32},
+                constexprs={
+                    "HAS_W": has_w, "LOWER": lower,
+                    **dot_options(x_dtype, y_dtype, precision=precision), **config.meta(),
+                },
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                divisible=("dx", "dy", "stride_xn", "stride_yn", "stride_om"),
+                unit=("stride_xd", "stride_yd", "stride_w", "stride_on"),
+                shared_bound=config.shared_memory(**sizes),
+            ))  # fmt: skip
+    variants.append(KernelVariant(
+        fn=_mirror_lower_kernel, dtype="float32", flags="-", pointers={"g_ptr": float32},
+        constexprs={"BLOCK": MIRROR_BLOCK}, divisible=("d", "stride_r"), unit=("stride_c",),
+    ))  # fmt: skip
+    return variants
+
+
 def mirror_lower(g: Tensor) -> Tensor:
     """Copy the strict lower triangle of the square g onto its upper triangle, in place; returns g."""
     check_inputs("mirror_lower", g)
     d = g.shape[0]
-    if g.dim() != 2 or g.shape[1] != d:
-        raise ValueError(f"mirror_lower: g must be square, got {tuple(g.shape)}")
+    check_accumulator("mirror_lower", g, (d, d), g.device)
     tiles = triton.cdiv(d, MIRROR_BLOCK)
     with on_device(g):
         _mirror_lower_kernel[(tiles, tiles)](g, d, g.stride(0), g.stride(1), BLOCK=MIRROR_BLOCK)

@@ -11,6 +11,7 @@ import torch
 
 kernels = pytest.importorskip("featcal.kernels")
 from featcal.kernels import column_sum, norm_statistics, weighted_product  # noqa: E402
+from featcal.kernels.autotune import TileConfig  # noqa: E402
 
 NS = [1, 37, 129, 300]
 DS = [9, 33, 70, 128, 257]
@@ -163,8 +164,8 @@ def test_accumulation_over_several_calls(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("config", [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, SPLIT_K=1),
-                                    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3)])  # fmt: skip
+@pytest.mark.parametrize("config", [TileConfig(32, 64, 16, 1, num_warps=4, num_stages=1),
+                                    TileConfig(64, 32, 32, 3, num_warps=4, num_stages=1)])  # fmt: skip
 def test_other_tilings(monkeypatch, config):
     """Non-square tiles (which tiles count as lower) and the plain-store path without split-K."""
     if not kernels.INTERPRETED:
@@ -177,6 +178,28 @@ def test_other_tilings(monkeypatch, config):
     _assert_close(gram[lower], want[lower], _abs_bound(x, x, w)[lower], 1e-5, "lower triangle")
     kernels.mirror_lower(gram)
     _assert_close(gram, want, _abs_bound(x, x, w), 1e-5, "mirrored gram")
+
+
+def test_strided_weights(device):
+    """Every kernel reads w[i] at w.stride(0) * i: a column of a (n, 2) tensor, a reversed view."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 33, generator=gen).to(device)
+    y = torch.randn(37, 9, generator=gen).to(device)
+    for w in (torch.rand(37, 2, generator=gen)[:, 0], torch.rand(74, generator=gen)[::2]):
+        w = w.to(device)
+        assert w.stride(0) == 2
+        dense = w.contiguous()
+        got = kernels.weighted_sum(x, w, torch.zeros(33, device=device))
+        _assert_close(got, column_sum.reference(x, dense), column_sum.reference(x.abs(), dense), 1e-5, "sum")
+        got = kernels.weighted_gram(x, w, torch.zeros(33, 33, device=device))
+        _assert_close(got, weighted_product.reference(x, x, dense), _abs_bound(x, x, dense), 1e-5, "gram")
+        got = kernels.weighted_cross(x, y, w, torch.zeros(33, 9, device=device))
+        _assert_close(got, weighted_product.reference(x, y, dense), _abs_bound(x, y, dense), 1e-5, "cross")
+        total, energy = torch.zeros(33, device=device), torch.zeros(33, device=device)
+        kernels.norm_moments(x, w, total, energy)
+        want_sum, want_sq = norm_statistics.reference(x, dense)
+        _assert_close(total, want_sum, dense.double().cpu().sum().expand(33) * 8, 1e-5, "sum of z")
+        _assert_close(energy, want_sq, want_sq.abs() + dense.double().cpu().sum(), 1e-5, "sum of z^2")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -238,4 +261,10 @@ def test_bf16_upcast_only_in_the_interpreter():
     assert dot_options(torch.bfloat16, torch.bfloat16)["UPCAST"] == kernels.INTERPRETED
     assert not dot_options(torch.float16, torch.float16)["UPCAST"]
     assert dot_options(torch.bfloat16, torch.float32)["UPCAST"]
-    assert dot_options(torch.float32, tf32=True)["PRECISION"] == ("ieee" if kernels.INTERPRETED else "tf32")
+    for precision in ("tf32", "tf32x3"):
+        want = "ieee" if kernels.INTERPRETED else precision
+        assert dot_options(torch.float32, precision=precision)["PRECISION"] == want
+        assert dot_options(torch.bfloat16, torch.float32, precision=precision)["PRECISION"] == want
+        assert dot_options(torch.float16, precision=precision)["PRECISION"] == "ieee"
+    with pytest.raises(ValueError, match="tf32x3"):
+        dot_options(torch.float32, precision="fast")

@@ -532,3 +532,17 @@ def test_a_setting_added_since_the_manifest_counts_as_its_default():
     assert old.mismatch(Manifest("0", settings, ["t"], {}, [2])) is None
     grouped = Manifest("0", {**settings, "sequential": "group"}, ["t"], {}, [2])
     assert old.mismatch(grouped) == "its run had sequential='off', this one has sequential='group'"
+
+
+def test_a_renamed_setting_is_read_in_its_new_name():
+    """allow_tf32 (before float32_precision existed) resumes as "ieee" (False) or "tf32" (True)."""
+    settings = {k: v for k, v in FeatCalConfig().to_dict().items() if k not in LOCAL_SETTINGS}
+    before = {k: v for k, v in settings.items() if k != "float32_precision"}
+    for old_value, new_value in ((False, "ieee"), (True, "tf32")):
+        old = Manifest("0", {**before, "allow_tf32": old_value}, ["t"], {}, [2])
+        now = Manifest("0", {**settings, "float32_precision": new_value}, ["t"], {}, [2])
+        assert old.mismatch(now) is None
+    old = Manifest("0", {**before, "allow_tf32": True}, ["t"], {}, [2])
+    assert old.mismatch(Manifest("0", settings, ["t"], {}, [2])) == (
+        "its run had float32_precision='tf32', this one has float32_precision='ieee'"
+    )

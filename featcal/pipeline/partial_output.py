@@ -72,8 +72,9 @@ class Manifest:
         if self.featcal_version != now.featcal_version:
             return f"it was written by featcal {self.featcal_version}, this is featcal {now.featcal_version}"
         defaults = FeatCalConfig().to_dict()  # a setting added since: its default keeps old results
-        for key in sorted(set(self.settings) | set(now.settings)):
-            before, after = self.settings.get(key, defaults.get(key)), now.settings.get(key)
+        settings = FeatCalConfig.upgrade(self.settings)
+        for key in sorted(set(settings) | set(now.settings)):
+            before, after = settings.get(key, defaults.get(key)), now.settings.get(key)
             if before != after:
                 return f"its run had {key}={before!r}, this one has {key}={after!r}"
         if self.tasks != now.tasks:

@@ -126,8 +126,9 @@ def accumulate(
     from it (not at all for norm groups alone). `first`: batch 0 of the expert, already run."""
     where = run.where.at(task=task)
     expert_mods = run.modules(expert_block)
+    config = run.config
     stats = Accumulator(
-        sums, expert_mods, alpha=run.config.teacher_interp_alpha, tf32=run.config.allow_tf32, where=where
+        sums, expert_mods, alpha=config.teacher_interp_alpha, precision=config.float32_precision, where=where
     )
     cache = ExpertCache(stop_early=outputs is None)
     cache.need_inputs, cache.need_outputs = sums.needs()

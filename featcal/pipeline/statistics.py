@@ -163,10 +163,11 @@ class Accumulator:
         expert: dict[str, ModuleRef],
         *,
         alpha: float,
-        tf32: bool = False,
+        precision: str = "ieee",
         where: Location,
     ) -> None:
-        self.sums, self.expert, self.alpha, self.tf32, self.where = sums, expert, float(alpha), tf32, where
+        self.sums, self.expert, self.alpha, self.where = sums, expert, float(alpha), where
+        self.precision = precision
         first = sums.groups[0]
         self.dtype, self.device = first.weight.dtype, first.weight.device
         self._mask: Tensor | None = None
@@ -211,7 +212,7 @@ class Accumulator:
             eps = group.leader.norm_eps()
             ops.norm_moments(x2, w, rms=group.leader.is_rms, eps=eps, out_sum=sums.z, out_sq=sums.z_square)
             return
-        ops.weighted_gram(x2, w, sums.gram, lower_only=True, out_sum=sums.student, tf32=self.tf32)
+        ops.weighted_gram(x2, w, sums.gram, lower_only=True, out_sum=sums.student, precision=self.precision)
         if isinstance(sums, CrossSums):
             xe = self._cache.inputs[group.leader.name]
             if xe.shape != x.shape:
@@ -221,7 +222,7 @@ class Accumulator:
                     "the expert"
                 )
             xe2 = xe.reshape(-1, xe.shape[-1])
-            ops.weighted_cross(x2, xe2, w, sums.cross, out_sum_y=sums.expert, tf32=self.tf32)
+            ops.weighted_cross(x2, xe2, w, sums.cross, out_sum_y=sums.expert, precision=self.precision)
             return
         for k, m in enumerate(group.members):
             ye = self._cache.outputs[m.name]
@@ -234,7 +235,7 @@ class Accumulator:
                     y.to(self.dtype), x2.to(self.dtype), W.mT, beta=self.alpha, alpha=1 - self.alpha
                 )
                 out_sum = None
-            ops.weighted_cross(x2, y, w, sums.rhs[k], out_sum_y=out_sum, tf32=self.tf32)
+            ops.weighted_cross(x2, y, w, sums.rhs[k], out_sum_y=out_sum, precision=self.precision)
 
     def _token_weights(self, group: Group, x: Tensor) -> Tensor | None:
         key = (group.focus, group.memory)
