@@ -12,6 +12,8 @@ namespace featcal {
 namespace {
 
 constexpr int64_t kGrain = 1 << 16;
+// Elements of G converted to float64 at a time off the CPU fast path (32 MiB).
+constexpr int64_t kBandElements = 1 << 22;
 
 // Sum of squares in double; eight independent partial sums let the compiler vectorise it.
 template <typename T>
@@ -48,7 +50,15 @@ double assemble(at::Tensor& A, const at::Tensor& G, double eps) {
               "assemble: A and G must be float32 or float64, got ", A.scalar_type());
   TORCH_CHECK(A.device() == G.device(), "assemble: A is on ", A.device(), " but G is on ", G.device());
   if (!A.device().is_cpu() || !A.is_contiguous() || !G.is_contiguous()) {
-    const double n = std::max(at::linalg_vector_norm(G, 2, c10::nullopt, false, at::kDouble).item<double>(), eps);
+    // float64 sums of squares a band of rows at a time (no float64 copy of G), one host sync.
+    const auto rows = G.reshape({-1, G.size(-1)});
+    const int64_t band = std::max<int64_t>(1, kBandElements / std::max<int64_t>(1, rows.size(1)));
+    auto total = at::zeros({}, G.options().dtype(at::kDouble));
+    for (int64_t start = 0; start < rows.size(0); start += band)
+      total.add_(at::linalg_vector_norm(rows.narrow(0, start, std::min(band, rows.size(0) - start)), 2,
+                                        c10::nullopt, false, at::kDouble)
+                     .square());
+    const double n = std::max(std::sqrt(total.item<double>()), eps);
     if (n > 0) A.add_(G, 1.0 / n);
     return n;
   }

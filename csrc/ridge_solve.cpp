@@ -183,9 +183,14 @@ std::tuple<at::Tensor, at::Tensor> ridge_solve_aten(const at::Tensor& A, const s
   // Column-major matrices, the layout cuSOLVER and LAPACK factorise in place.
   auto ws = at::empty({chunk, d, d}, p.Xt.options()).transpose(1, 2);
   auto info = at::empty({chunk}, p.Xt.options().dtype(at::kInt));
-  auto factor = [](at::Tensor& w, at::Tensor& inf) {
+  // One device-to-host copy per chunk: the factorisations' info and whether the chunk is finite.
+  auto factor = [&p](at::Tensor& w, at::Tensor& inf) {
+    const auto finite = at::isfinite(w).all().to(at::kInt).reshape({1});
     at::linalg_cholesky_ex_out(w, inf, w, /*upper=*/false, /*check_errors=*/false);
-    return inf.cpu();
+    const auto host = at::cat({inf, finite}).cpu();
+    TORCH_CHECK(host[-1].item<int>() == 1, "ridge_solve: A of shape ", at::IntArrayRef(p.a_shape),
+                " contains NaN or Inf");
+    return host.narrow(0, 0, inf.size(0));
   };
   for (int64_t start = 0; start < batch; start += chunk) {
     const int64_t n = std::min(chunk, batch - start);
@@ -194,7 +199,6 @@ std::tuple<at::Tensor, at::Tensor> ridge_solve_aten(const at::Tensor& A, const s
     auto As = p.A.narrow(0, start, n);
     auto xt = p.Xt.narrow(0, start, n);
     fill(w, As, ridge);
-    check_finite(w, p.a_shape);
     const auto failed = factor(w, inf).ne(0);
     std::vector<int64_t> pinv;
     for (int64_t j = 0; j < n; ++j) {

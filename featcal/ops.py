@@ -279,9 +279,11 @@ def assemble(A: Tensor, G: Tensor, eps: float) -> float:
     ext = _extension_for("assemble", A.device) if A.dtype in (torch.float32, torch.float64) else None
     if ext is not None:
         return ext.assemble(A, G, eps)
-    # float64 sums of float32 squares, a band of rows at a time (no float64 copy of G)
-    rows = G.reshape(-1, G.shape[-1]).split(256)
-    n = max(math.sqrt(sum(float(band.double().square().sum()) for band in rows)), eps)
+    # float64 sums of float32 squares, a band of rows at a time (no float64 copy of G), one sync
+    total = torch.zeros((), dtype=torch.float64, device=G.device)
+    for band in G.reshape(-1, G.shape[-1]).split(256):
+        total += band.double().square().sum()
+    n = max(math.sqrt(float(total)), eps)
     if n > 0:
         A.add_(G, alpha=1.0 / n)
     return n

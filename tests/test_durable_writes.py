@@ -78,11 +78,17 @@ def test_a_full_disk_while_writing_a_stream_names_the_file_and_the_room(tmp_path
 
     stream = Stream("disk", "cpu", tmp_path, name="student-3")
     stream.append(torch.randn(2, 3, 4))
+    stream.flush()
     monkeypatch.setattr(offload, "open", FullDisk, raising=False)
     message = r"could not write .*student-3\.000001\.bin \(96 B\): No space left on device; .* free\. "
+    stream.append(torch.randn(2, 3, 4))  # written by the stream's writer thread
     with pytest.raises(FeatCalError, match=message + "Free some space there, or give another --offload-dir"):
-        stream.append(torch.randn(2, 3, 4))
-    assert len(stream) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["student-3.000000.bin"]
+        stream.flush()
+    with pytest.raises(FeatCalError, match=message):
+        stream.append(torch.randn(2, 3, 4))  # the failure is raised again, nothing more is written
+    with pytest.raises(FeatCalError, match=message):
+        stream[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student-3.000000.bin"]
 
 
 def test_other_write_errors_keep_their_reason(tmp_path):

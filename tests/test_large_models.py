@@ -254,3 +254,20 @@ def test_mixed_sliding_window_layers_are_refused():
     data = {"t": [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]}
     with pytest.raises(FeatCalError, match=r"mixes layer types \['full_attention', 'sliding_attention'\]"):
         calibrate(model, base=model, experts={"t": model}, data=data, config=QUIET)
+
+
+def test_an_in_memory_front_moves_only_what_runs_before_the_first_block():
+    """front() of an in-memory model puts the backbone outside the blocks on the device (here
+    "meta", which any machine has) and leaves the blocks, then puts every tensor back."""
+    from featcal.models.sources import ModelSource
+
+    model = LLAMA.build(0)
+    before = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    source = ModelSource(model, "merged")
+    with source.front(0, torch.device("meta")):
+        inside = model.state_dict(keep_vars=True)
+        moved = {name for name, t in inside.items() if t.device.type == "meta"}
+        assert moved and all(".layers." not in name for name in moved)
+        assert "model.embed_tokens.weight" in moved and "model.norm.weight" in moved
+        assert all(inside[name] is before[name] for name in inside if ".layers." in name)
+    assert all(t is before[name] for name, t in model.state_dict(keep_vars=True).items())

@@ -1,5 +1,7 @@
 """Streams of hidden states round-trip bit-exactly at every placement, in order, and clean up after."""
 
+import contextlib
+import itertools
 import os
 
 import pytest
@@ -66,6 +68,7 @@ def test_disk_files_exist_while_open_and_are_deleted_on_close(tmp_path):
     stream = _stream("disk", tmp_path)
     for b in _batches(torch.bfloat16):
         stream.append(b)
+    stream.flush()
     files = sorted(os.listdir(tmp_path / "streams"))
     assert len(files) == len(SHAPES) and all(f.startswith("stream.") for f in files)
     sizes = [os.path.getsize(tmp_path / "streams" / f) for f in files]
@@ -147,3 +150,114 @@ def test_device_and_disk_placements_serve_cuda(placement, tmp_path):
     for got, b in zip(stream, batches):
         assert got.is_cuda and torch.equal(got, b)
     stream.close()
+
+
+class FakeStreams:
+    """DeviceStreams on CPU tensors that logs every call (every tensor counts as on the device)."""
+
+    def __init__(self):
+        self.log, self.active, self._events = [], "compute", itertools.count()
+
+    def current(self):
+        return self.active
+
+    def side(self):
+        return "side"
+
+    @contextlib.contextmanager
+    def use(self, stream):
+        before, self.active = self.active, stream
+        yield
+        self.active = before
+
+    def event(self, stream):
+        event = f"event{next(self._events)}"
+        self.log.append(("record", event, stream))
+        return event
+
+    def wait_event(self, stream, event):
+        self.log.append(("wait", stream, event))
+
+    def wait_stream(self, stream, other):
+        self.log.append(("wait for", stream, other))
+
+    def keep_alive(self, tensor, stream):
+        self.log.append(("keep alive", stream))
+
+    def on_device(self, tensor):
+        return True
+
+    def pinned(self, like):
+        return torch.empty_like(like)
+
+    def copy(self, dst, src):
+        self.log.append(("to host", self.active))
+        dst.copy_(src)
+
+    def to_device(self, host):
+        self.log.append(("to device", self.active))
+        return host.clone()
+
+    def synchronize(self, event):
+        self.log.append(("host waits", event))
+
+
+def test_a_copy_to_host_runs_on_the_side_stream_after_the_work_that_made_it():
+    streams = FakeStreams()
+    stream = Stream("cpu", "cpu", streams=streams)
+    value = _batches(torch.float32)[0]
+    stream.append(value)
+    assert streams.log == [
+        ("wait for", "side", "compute"),  # the value is complete
+        ("to host", "side"),
+        ("keep alive", "side"),  # its memory outlives the copy
+        ("record", "event0", "side"),
+    ]
+    streams.log.clear()
+    assert torch.equal(stream[0], value)
+    assert streams.log == [("wait", "compute", "event0"), ("to device", "compute")]
+
+
+def test_iteration_copies_the_next_batch_on_the_side_stream_while_one_is_used():
+    streams = FakeStreams()
+    stream = Stream("cpu", "cpu", streams=streams)
+    batches = _batches(torch.float32)
+    for b in batches:
+        stream.append(b)  # ready events 0, 1, 2
+    streams.log.clear()
+    served = iter(stream)
+    first = next(served)
+    assert streams.log == [
+        ("wait", "side", "event0"), ("to device", "side"), ("record", "event3", "side"),  # batch 0
+        ("wait", "side", "event1"), ("to device", "side"), ("record", "event4", "side"),  # batch 1, ahead
+        ("wait", "compute", "event3"), ("keep alive", "compute"),  # batch 0 is used
+    ]  # fmt: skip
+    streams.log.clear()
+    rest = list(served)
+    assert streams.log == [
+        ("wait", "side", "event2"), ("to device", "side"), ("record", "event5", "side"),
+        ("wait", "compute", "event4"), ("keep alive", "compute"),
+        ("wait", "compute", "event5"), ("keep alive", "compute"),
+    ]  # fmt: skip
+    assert all(torch.equal(got, b) for got, b in zip([first, *rest], batches))
+
+
+def test_disk_writes_wait_for_the_copy_and_reads_run_ahead(tmp_path, monkeypatch):
+    streams = FakeStreams()
+    stream = Stream("disk", "cpu", tmp_path, streams=streams)
+    batches = _batches(torch.bfloat16)
+    reads = []
+    host = Stream._host
+    monkeypatch.setattr(Stream, "_host", lambda self, i: reads.append(i) or host(self, i))
+    for b in batches:
+        stream.append(b)
+    stream.flush()
+    waits = [entry for entry in streams.log if entry[0] == "host waits"]
+    assert waits == [("host waits", f"event{i}") for i in range(len(batches))]  # each write waited its copy
+    served = iter(stream)
+    first = next(served)
+    assert reads[:2] == [0, 1]  # batch 1 was read, and copied ahead, before batch 0 was served
+    assert all(torch.equal(got, b) for got, b in zip([first, *served], batches))
+    assert reads == [0, 1, 2]
+    stream.close()
+    assert list(tmp_path.iterdir()) == []

@@ -54,6 +54,11 @@ class BlockContext:
 
         return replace(self, args=tree_map(move, self.args), kwargs=tree_map(move, self.kwargs))
 
+    def pinned(self) -> BlockContext:
+        """This context with its CPU tensors in page-locked memory (needs CUDA)."""
+        pin = lambda v: v.pin_memory() if isinstance(v, Tensor) and not v.is_cuda and not v.is_pinned() else v  # noqa: E731
+        return replace(self, args=tree_map(pin, self.args), kwargs=tree_map(pin, self.kwargs))
+
     def tensors(self) -> list[Tensor]:
         found: list[Tensor] = []
         tree_map(lambda v: found.append(v) if isinstance(v, Tensor) else None, (self.args, self.kwargs))
@@ -167,8 +172,9 @@ def token_weights(
             f"{prefix}the token mask of shape {tuple(mask.shape)} does not match the hidden states of "
             f"shape {tuple(hidden.shape)} (batch, tokens, hidden)"
         )
-    mask = mask.to(device=hidden.device, dtype=accumulator_dtype(hidden.dtype))
-    return None if bool((mask == 1).all()) else mask
+    if bool((mask == 1).all()):  # read where the mask is (a host sync only for a mask on the GPU)
+        return None
+    return mask.to(device=hidden.device, dtype=accumulator_dtype(hidden.dtype))
 
 
 def _to(value, device: torch.device):

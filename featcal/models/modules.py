@@ -148,12 +148,15 @@ class ModuleRef:
 
     def params(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """(W, or a norm's effective scale g, and the bias or None), cast to dtype and device."""
-        b = self.bias()
-        cast = {"dtype": dtype, "device": device}
-        weight = self.weight().to(**cast)
+        weight = self.weight().to(dtype=dtype, device=device)
         if self.kind == OFFSET_RMSNORM:
             weight = weight + 1
-        return weight, None if b is None else b.to(**cast)
+        return weight, self.bias_as(dtype, device)
+
+    def bias_as(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """The bias (or None), cast to dtype and device, without touching the weight."""
+        b = self.bias()
+        return None if b is None else b.to(dtype=dtype, device=device)
 
     def set_weight(self, value: Tensor) -> None:
         """Write W (d_out, d_in) (or a norm's effective scale) into the module, in its own layout

@@ -46,6 +46,32 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         module.to(home)
 
 
+@contextmanager
+def front_on_device(backbone: nn.Module, blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """`backbone`'s tensors outside `blocks` (embeddings, norms) on `device` for the duration; the
+    blocks stay where they are (each goes to the device in its turn, as the memory plan counts)."""
+    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    moved: dict[int, torch.Tensor] = {}  # one copy of a tensor that several modules share
+    swapped = []
+    for module in backbone.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(module, kind)
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) in in_blocks or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    copy = tensor.detach().to(device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    moved[id(tensor)] = nn.Parameter(copy, tensor.requires_grad) if is_param else copy
+                swapped.append((table, name, tensor))
+                table[name] = moved[id(tensor)]
+    try:
+        yield
+    finally:
+        for table, name, tensor in swapped:
+            table[name] = tensor
+
+
 class ModelSource:
     """One role's model: its adapter, its stages and their blocks (real, or skeletons when lazy)."""
 
@@ -88,12 +114,12 @@ class ModelSource:
     @contextmanager
     def front(self, stage: int, device: torch.device) -> Iterator[nn.Module]:
         """The model, ready to run its stage's backbone up to the first block on `device`."""
+        backbone = self.stages[stage].backbone(self.model)
         if self.lazy is None:
-            with on_device(self.model, device) as model:
-                yield model
+            with front_on_device(backbone, self.blocks[stage], device):
+                yield self.model
             return
-        adapter = self.stages[stage]
-        with self.lazy.front(adapter.backbone(self.model), self.blocks[stage], device):
+        with self.lazy.front(backbone, self.blocks[stage], device):
             yield self.model
 
     def block_bytes(self, stage: int, index: int) -> int:

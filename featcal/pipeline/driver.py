@@ -306,6 +306,7 @@ def _run(
 ) -> CalibrationReport:
     started = time.perf_counter()
     if device.type == "cuda":
+        torch.cuda.init()  # the allocator's statistics exist only once CUDA is initialised
         torch.cuda.reset_peak_memory_stats(device)
     in_memory = [s.model for s in (student, base, *experts.values()) if s.lazy is None]
     training = {id(m): m.training for m in in_memory}

@@ -139,7 +139,7 @@ class BlockSystem(TensorState):
             system.s += scale
             for k, m in enumerate(members):
                 system.B[k].add_(mom.rhs[k], alpha=scale)
-                _, b = expert[m.name].params(dtype, device)
+                b = expert[m.name].bias_as(dtype, device)
                 teacher = mom.teacher_out[k] if b is None else mom.teacher_out[k] + b
                 system.R[k].add_(teacher, alpha=scale)
 

@@ -65,7 +65,7 @@ class TaskState:
     ) -> None:
         """Capture: a batch's student hidden states entering the stage, with its arguments."""
         self.student.append(hidden)
-        self.student_ctx.append(ctx.to(self.home))
+        self.student_ctx.append(self._kept(ctx))
         self.weights.append(weights)
         self.memory_weights.append(memory_weights)
 
@@ -75,7 +75,13 @@ class TaskState:
         ctx = ctx.to(self.home)
         student = self.student_ctx[len(self.expert)]
         self.expert.append(hidden)
-        self.expert_ctx.append(student if same_context(ctx, student) else ctx)
+        self.expert_ctx.append(student if same_context(ctx, student) else self._kept(ctx))
+
+    def _kept(self, ctx: BlockContext) -> BlockContext:
+        """ctx as it is kept: at home, in pinned memory when a CPU home serves a GPU (its copies to
+        the GPU at every block call are then asynchronous)."""
+        ctx = ctx.to(self.home)
+        return ctx.pinned() if self.home.type == "cpu" and self._run.device.type == "cuda" else ctx
 
     def inputs(self) -> BlockInputs:
         return BlockInputs(
@@ -84,7 +90,9 @@ class TaskState:
 
     def advance_student(self, outputs: Stream, contexts: list[BlockContext] | None = None) -> None:
         """The student stream moves to the next block boundary (and, after a stage's first block
-        whose followers get computed arguments, their contexts)."""
+        whose followers get computed arguments, their contexts). A failed write of `outputs` is
+        raised here."""
+        outputs.flush()
         self.student.close()
         self.student = outputs
         if contexts is not None:
@@ -92,6 +100,7 @@ class TaskState:
 
     def advance_expert(self, outputs: Stream, contexts: list[BlockContext] | None = None) -> None:
         """The expert stream moves to the next block boundary (see `advance_student`)."""
+        outputs.flush()
         self.expert.close()
         self.expert = outputs
         if contexts is not None:

@@ -293,27 +293,32 @@ def normalise(
 ) -> list[Moments]:
     """A task's reduced sums as weighted means, checked for NaN and Inf (s.4): CrossMoments for
     'cross' groups, LinearMoments for 'project' groups, NormMoments for norms. Consumes `sums`
-    (its tensors are reused for the results)."""
+    (its tensors are reused for the results). The checks of all groups are read back in one host
+    sync, at the end."""
     out: list[Moments] = []
+    checks = _Checks()
     for s in sums.groups:
         group, total = s.group, s.weight
-        if not total > 0:
-            raise FeatCalError(
+        checks.add(
+            total > 0,
+            FeatCalError(
                 f"{where}: no token with nonzero weight reached module(s) {group.names}; "
                 "every calibration token is padding"
-            )
+            ),
+        )
+        student = _non_finite(where, group, "student (merged model)")
         if isinstance(s, NormSums):
             mean, energy = s.z / total, s.z_square / total
-            _check(where, group, "student (merged model)", mean, energy)
+            checks.finite(student, mean, energy)
             out.append(NormMoments(group, mean, energy))
             continue
         gram = ops.complete_gram(s.gram).div_(total)
         mean_s = s.student / total
-        _check(where, group, "student (merged model)", gram, mean_s)
+        checks.finite(student, gram, mean_s)
         if isinstance(s, CrossSums):
             cross = s.cross.div_(total).mul_(alpha).add_(gram, alpha=1 - alpha)
             mean_t = s.expert.div_(total).mul_(alpha).add_(mean_s, alpha=1 - alpha)
-            _check(where, group, "expert", cross, mean_t)
+            checks.finite(_non_finite(where, group, "expert"), cross, mean_t)
             out.append(CrossMoments(group, gram, mean_s, cross, mean_t))
             continue
         rhs, teacher = [], []
@@ -328,10 +333,11 @@ def normalise(
             if not s.per_token:
                 q.mul_(alpha).addmm_(gram, W.mT, alpha=1 - alpha)
             mean_out.mul_(alpha).addmv_(W, mean_s, alpha=1 - alpha)
-            _check(where, group, "expert", q, mean_out)
+            checks.finite(_non_finite(where, group, "expert"), q, mean_out)
             rhs.append(q)
             teacher.append(mean_out)
         out.append(LinearMoments(group, gram, mean_s, rhs, teacher))
+    checks.raise_first()
     return out
 
 
@@ -348,7 +354,27 @@ def project(moments: Moments, expert: dict[str, ModuleRef]) -> LinearMoments | N
     return LinearMoments(moments.group, moments.gram, moments.mean_student, rhs, teacher)
 
 
-def _check(where: Location, group: Group, side: str, *tensors: Tensor) -> None:
-    if all(ops.all_finite(t) for t in tensors):
-        return
-    raise NonFiniteError(f"NaN or Inf in the activations of {where}, module(s) {group.names} ({side} side)")
+def _non_finite(where: Location, group: Group, side: str) -> NonFiniteError:
+    return NonFiniteError(f"NaN or Inf in the activations of {where}, module(s) {group.names} ({side} side)")
+
+
+class _Checks:
+    """Conditions held as device booleans, read back in one host sync; the first false raises."""
+
+    def __init__(self) -> None:
+        self._flags: list[Tensor] = []
+        self._errors: list[Exception] = []
+
+    def add(self, flag: Tensor, error: Exception) -> None:
+        self._flags.append(flag.reshape(()))
+        self._errors.append(error)
+
+    def finite(self, error: Exception, *tensors: Tensor) -> None:
+        self.add(torch.stack([torch.isfinite(t).all() for t in tensors]).all(), error)
+
+    def raise_first(self) -> None:
+        if not self._flags:
+            return
+        for ok, error in zip(torch.stack(self._flags).tolist(), self._errors):
+            if not ok:
+                raise error
