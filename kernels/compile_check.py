@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_table(args.json, rows, keys)
     if args.markdown:
-        args.markdown.write_text(markdown(rows))
+        command = "python -m featcal.kernels.compile_check --arch " + ",".join(map(str, archs))
+        lines = [f"# Compile check, triton {triton.__version__}", f"`{command}`", *summary(rows).splitlines()]
+        args.markdown.write_text("\n\n".join(lines) + "\n\n" + markdown(rows))
     return 1 if any(r.status == "failed" for r in rows) else 0
 
 

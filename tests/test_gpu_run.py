@@ -26,7 +26,7 @@ def gpu_run():
 def test_dry_run_lists_every_step_within_the_budget():
     proc = subprocess.run([sys.executable, str(RUN), "--dry-run"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    steps = "install extension cuda-tests kernels block-statistics solves clip-b32-ta8 llama3-8b-block"
+    steps = "extension cuda-tests kernels block-statistics solves clip-b32-ta8 llama3-8b-block"
     for step in steps.split():
         assert step in proc.stdout
     assert "TRITON_INTERPRET=0" in proc.stdout
@@ -82,3 +82,22 @@ def test_the_run_record_is_written_after_every_step(gpu_run, tmp_path, monkeypat
         ("one", "passed"), ("two", "failed"), ("three", "skipped")
     ]  # fmt: skip
     assert record["steps"][1]["returncode"] == 3 and record["environment"]["device"] == "Fake GPU"
+
+
+def test_the_checkout_is_importable_as_installed_through_links(gpu_run, tmp_path):
+    """A step runs in the mirror, where featcal.kernels and featcal.csrc resolve to kernels/ and
+    csrc/ without an installation (this machine's editable install is set aside)."""
+    mirror = gpu_run.link_package(tmp_path / "mirror")
+    code = (
+        "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        "import featcal, featcal.csrc, featcal.kernels.autotune as a; print(featcal.__file__, a.__file__)"
+    )
+    step = gpu_run.Step("import", [sys.executable, "-c", code], 120, 1, {"TRITON_INTERPRET": "1"})
+    outcome = gpu_run.run_step(step, tmp_path, mirror)
+    assert outcome.status == "passed", outcome.tail
+    package, kernel = outcome.tail.split()
+    assert (
+        package.startswith(str(mirror))
+        and Path(kernel).resolve() == RUN.parents[2] / "kernels" / "autotune.py"
+    )
+    assert (mirror / "tests" / "conftest.py").is_file() and (mirror / "bench" / "gpu" / "run.py").is_file()

@@ -3,8 +3,9 @@
     bash bench/gpu/run.sh [--out DIR] [--only STEP,...] [--budget SECONDS] [--reference SRC]
     bash bench/gpu/run.sh --dry-run        (any machine: the steps, their limits, the estimate)
 
-From the repository root it installs featcal from this checkout (no downloads: the machine's
-own torch, triton and transformers serve), builds featcal._C, runs the CUDA tests with compiled
+From the repository root it makes this checkout importable as featcal (a folder of links on
+PYTHONPATH: nothing is installed or downloaded, the machine's own torch, triton and
+transformers serve), builds featcal._C, runs the CUDA tests with compiled
 Triton kernels, the kernel and block-statistics benchmarks (ViT-B/32 and Llama-3-8B shapes,
 against torch.matmul, with the roofline of bench/roofline.py), the solve benchmark, the B32-TA8
 CLIP end to end (8 experts, 256 images each; against the published reference when `--reference`
@@ -24,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,8 +54,6 @@ KERNELS = "bench/test_statistics_kernels.py"
 LLAMA = ["--blocks", "2", "--experts", "2", "--sequences", "32", "--json", "{out}/llama3-8b-streamed.json"]
 CLIP = ["--tasks", "8", "--images", "256", "--device", "cuda", "--json", "{out}/clip-b32-ta8.json"]
 STEPS = [
-    Step("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
-         60, 20),
     Step("extension", [PY, "-c", EXTENSION], 90, 45),
     Step("cuda-tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"], 120, 60,
          COMPILED),
@@ -110,6 +110,23 @@ def slug(device: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def link_package(into: Path) -> Path:
+    """A mirror of this checkout under `into`, all links, where `featcal` is laid out as installed
+    (featcal/* with kernels/ as featcal.kernels and csrc/ as featcal.csrc). Steps run there, with
+    it on PYTHONPATH: `python -m` and `-c` put the working directory first on sys.path."""
+    into.mkdir(parents=True)
+    for entry in ROOT.iterdir():
+        if entry.name not in ("featcal", ".git"):
+            (into / entry.name).symlink_to(entry)
+    package = into / "featcal"
+    package.mkdir()
+    for entry in (ROOT / "featcal").iterdir():
+        (package / entry.name).symlink_to(entry)
+    (package / "kernels").symlink_to(ROOT / "kernels")
+    (package / "csrc").symlink_to(ROOT / "csrc")
+    return into
+
+
 def select(only: str | None) -> list[Step]:
     if not only:
         return STEPS
@@ -134,13 +151,16 @@ def plan(steps: list[Step], budget: int) -> str:
     return "\n".join(lines)
 
 
-def run_step(step: Step, out: Path) -> Outcome:
+def run_step(step: Step, out: Path, root: Path = ROOT) -> Outcome:
+    """Run one step from `root` (with `root` first on PYTHONPATH) under its time limit."""
     command = [part.replace("{out}", str(out)) for part in step.command]
     log = out / f"{step.name}.log"
     start = time.perf_counter()
     with log.open("w") as handle:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, **step.env}, start_new_session=True)  # fmt: skip
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+        environ = {**os.environ, "PYTHONPATH": path, **step.env}
+        proc = subprocess.Popen(command, cwd=root, stdout=handle, stderr=subprocess.STDOUT,
+                                env=environ, start_new_session=True)  # fmt: skip
         try:
             rc = proc.wait(timeout=step.limit)
             status = "passed" if rc == 0 else "failed"
@@ -184,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"environment": env, "budget_s": args.budget, "steps": []}
     deadline = time.monotonic() + args.budget
+    mirror = link_package(Path(tempfile.mkdtemp(prefix="featcal-gpu-run-")) / "featcal")
     for step in steps:
         left = deadline - time.monotonic()
         if left < step.estimate:
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             limited = Step(step.name, step.command, min(step.limit, int(left)), step.estimate, step.env)
-            outcome = run_step(limited, out)
+            outcome = run_step(limited, out, mirror)
         record["steps"].append(asdict(outcome))
         (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"{outcome.name:<18} {outcome.status:<10} {outcome.seconds:>7.1f} s", flush=True)
