@@ -66,13 +66,6 @@ def cross_work(n: int, dx: int, dy: int, dtype: torch.dtype) -> tuple[float, flo
     return 2 * n * dx * dy, n * (dx + dy) * dtype.itemsize + 4 * n + 8 * dx * dy
 
 
-def solve_work(systems: int, d: int, outputs: int) -> tuple[float, float]:
-    """(flops, bytes) of `systems` float32 ridge solves (A X = B, A d x d, B d x outputs) by
-    Cholesky: d^3 / 3 for the factor, 2 d^2 outputs for the two triangular solves."""
-    flops = systems * (d**3 / 3 + 2 * d * d * outputs)
-    return flops, systems * 4 * (d * d + 2 * d * outputs)
-
-
 SHAPES = {  # what bench/test_statistics_kernels.py times
     "gram vit-b32 12800x768 bf16": gram_work(12800, 768, torch.bfloat16),
     "gram vit-b32 12800x3072 bf16": gram_work(12800, 3072, torch.bfloat16),

@@ -50,8 +50,9 @@ double assemble(at::Tensor& A, const at::Tensor& G, double eps) {
               "assemble: A and G must be float32 or float64, got ", A.scalar_type());
   TORCH_CHECK(A.device() == G.device(), "assemble: A is on ", A.device(), " but G is on ", G.device());
   if (!A.device().is_cpu() || !A.is_contiguous() || !G.is_contiguous()) {
-    // float64 sums of squares a band of rows at a time (no float64 copy of G), one host sync.
-    const auto rows = G.reshape({-1, G.size(-1)});
+    // float64 sums of squares a band of rows at a time (no float64 copy of G), one host sync;
+    // a matrix G is banded as it is, whatever its strides.
+    const auto rows = G.dim() == 2 ? G : G.reshape({-1, G.size(-1)});
     const int64_t band = std::max<int64_t>(1, kBandElements / std::max<int64_t>(1, rows.size(1)));
     auto total = at::zeros({}, G.options().dtype(at::kDouble));
     for (int64_t start = 0; start < rows.size(0); start += band)

@@ -8,7 +8,8 @@ cannot be tested without a GPU. This tuner instead
 - drops the configs whose shared memory, as `TileConfig.shared_memory` bounds it, exceeds the
   device's opt-in limit per block (`SHARED_MEMORY_LIMIT` for ahead-of-time targets);
 - times the rest once per key through a `trial` that adds into scratch accumulators the
-  caller allocated once, never the caller's output;
+  caller allocated once, never the caller's output (a config that still fails to launch is
+  skipped);
 - remembers the choice per key, so later calls (a ragged last batch included: the row count
   is not part of the key) launch the chosen config directly.
 
@@ -17,10 +18,13 @@ Its timer and its shared-memory limit are arguments, so its bookkeeping is teste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 # Opt-in shared memory per thread block, bytes, by compute capability (CUDA programming guide,
 # "Features and technical specifications"): A100 163 KiB, H100/H200 227 KiB, sm_86/89 99 KiB.
@@ -61,11 +65,24 @@ class TileConfig:
         return staged + converted + 1024
 
 
-def gpu_time(trial: Callable[[], None]) -> float:
-    """Median milliseconds of trial() on the current CUDA stream."""
-    import triton.testing
+# What a config that cannot run on this device raises at its first launch (the tuner skips it).
+LAUNCH_FAILURES: tuple[type[Exception], ...] = (OutOfResources, CompilationError)
 
-    return float(triton.testing.do_bench(trial, warmup=5, rep=20, return_mode="median"))
+
+def gpu_time(trial: Callable[[], None], warmup: int = 2, repeat: int = 7) -> float:
+    """Median milliseconds of trial() between CUDA events on the current stream (no scratch
+    allocation beyond the trial's own, unlike triton.testing.do_bench's cache flush)."""
+    for _ in range(warmup):
+        trial()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        trial()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def device_shared_memory(device: torch.device) -> int | None:
@@ -90,24 +107,36 @@ class Tuner:
     """Picks, per key, the fastest of the candidate configs (see the module docstring)."""
 
     timer: Callable[[Callable[[], None]], float] = gpu_time
+    failures: tuple[type[Exception], ...] = ()  # a trial raising one of these is not a candidate
     chosen: dict[Hashable, TileConfig] = field(default_factory=dict)
     timings: dict[Hashable, dict[TileConfig, float]] = field(default_factory=dict)
 
     def choose(
         self,
         key: Hashable,
-        candidates: Sequence[TileConfig],
+        candidates: Callable[[], Sequence[TileConfig]],
         trial: Callable[[TileConfig], None],
     ) -> TileConfig:
-        """The config for `key`: remembered, the only candidate, or the fastest trial."""
+        """The config for `key`: remembered, else the only candidate or the fastest trial
+        (`candidates` is asked only for a new key). A trial that raises one of `failures` (the
+        config does not fit this device after all) is timed as never finishing."""
         if key in self.chosen:
             return self.chosen[key]
-        if not candidates:
+        configs = list(candidates())
+        if not configs:
             raise RuntimeError(f"no tile configuration fits the device for {key}")
-        if len(candidates) == 1:
-            self.chosen[key] = candidates[0]
-            return candidates[0]
-        times = {c: self.timer(lambda c=c: trial(c)) for c in candidates}
+        if len(configs) == 1:
+            self.chosen[key] = configs[0]
+            return configs[0]
+        times = {c: self._time(trial, c) for c in configs}
+        if all(t == math.inf for t in times.values()):
+            raise RuntimeError(f"no tile configuration could be launched for {key}")
         self.timings[key] = times
-        self.chosen[key] = min(candidates, key=times.__getitem__)
+        self.chosen[key] = min(configs, key=times.__getitem__)
         return self.chosen[key]
+
+    def _time(self, trial: Callable[[TileConfig], None], config: TileConfig) -> float:
+        try:
+            return self.timer(lambda: trial(config))
+        except self.failures:
+            return math.inf

@@ -207,8 +207,8 @@ def run(
 
 
 def write_table(path: Path, rows: list[Row], keys: list[str]) -> None:
-    data = {"triton": triton.__version__, "rows": [{**asdict(r), "key": k} for r, k in zip(rows, keys)]}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    lines = [json.dumps({**asdict(r), "key": k}) for r, k in zip(rows, keys)]  # one row a line
+    path.write_text(f'{{"triton": "{triton.__version__}", "rows": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
 def verify(table: Path, *, sample: int, seed: int, jobs: int) -> list[str]:
@@ -235,7 +235,9 @@ def verify(table: Path, *, sample: int, seed: int, jobs: int) -> list[str]:
         if missing or len(committed) != len(jobs_by_key):
             problems.append(f"{table} is stale: rerun python -m featcal.kernels.compile_check --json {table}")
             return problems
-        picks = _largest_per_kernel(committed) | set(random.Random(seed).sample(sorted(committed), sample))
+        picks = _largest_per_kernel(committed) | set(
+            random.Random(seed).sample(sorted(committed), min(sample, len(committed)))
+        )
     else:
         print(
             f"{table} was made with triton {data['triton']}, this is {triton.__version__}: compiling a sample"

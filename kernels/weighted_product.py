@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .autotune import TileConfig, Tuner, device_shared_memory, fitting
+from .autotune import LAUNCH_FAILURES, TileConfig, Tuner, device_shared_memory, fitting
 from .column_sum import weighted_sum
 from .launch import (
     FLOAT32_PRECISIONS,
@@ -85,7 +85,7 @@ def dot_kind(x_dtype: torch.dtype, y_dtype: torch.dtype, precision: str) -> str:
 INTERPRETER_CONFIG = TileConfig(block_m=64, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=1)
 # Whether launches pick a config with the tuner (compiled kernels) or take INTERPRETER_CONFIG.
 TUNING = not INTERPRETED
-tuner = Tuner()
+tuner = Tuner(failures=LAUNCH_FAILURES)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -149,9 +149,6 @@ def _mirror_lower_kernel(g_ptr, d, stride_r, stride_c, BLOCK: tl.constexpr):
 
 
 def _launch(x: Tensor, y: Tensor, w: Tensor | None, out: Tensor, *, lower: bool, precision: str) -> Tensor:
-    if SUPPORTED_DTYPES.index(x.dtype) > SUPPORTED_DTYPES.index(y.dtype):
-        _launch(y, x, w, out.mT, lower=lower, precision=precision)  # x^T W y = (y^T W x)^T
-        return out
     n, dx = x.shape
     dy = y.shape[1]
     if n == 0:
@@ -172,15 +169,18 @@ def _launch(x: Tensor, y: Tensor, w: Tensor | None, out: Tensor, *, lower: bool,
     with on_device(x):
         if TUNING:
             key = (x.device, x.dtype, y.dtype, dx, dy, *flags.values())
-            x_bytes, y_bytes = x.element_size(), y.element_size()
-            limit = device_shared_memory(x.device)
             kind = dot_kind(x.dtype, y.dtype, precision)
-            candidates = fitting(CONFIGS[kind], limit, x_bytes, y_bytes, float32_dot=kind != "16-bit")
+
+            def candidates() -> list[TileConfig]:
+                limit = device_shared_memory(x.device)
+                sizes = (x.element_size(), y.element_size())
+                return fitting(CONFIGS[kind], limit, *sizes, float32_dot=kind != "16-bit")
+
             scratch: list[Tensor] = []  # allocated on the first trial only, and only if one runs
 
             def trial(config: TileConfig) -> None:
                 if not scratch:
-                    scratch.append(torch.zeros_like(out))
+                    scratch.append(torch.empty_like(out))  # its values do not matter
                 launch(config, scratch[0])
 
             config = tuner.choose(key, candidates, trial)
@@ -246,8 +246,8 @@ MIRROR_BLOCK = 64
 
 
 def _pairs() -> list[tuple[torch.dtype, torch.dtype]]:
-    """The (x, y) dtypes the kernel is launched with: mixed pairs in SUPPORTED_DTYPES order."""
-    return [(d, d) for d in SUPPORTED_DTYPES] + list(itertools.combinations(SUPPORTED_DTYPES, 2))
+    """The (x, y) dtypes the kernel is launched with: every pair, mixed ones in both orders."""
+    return list(itertools.product(SUPPORTED_DTYPES, repeat=2))
 
 
 def _flag_combinations() -> list[tuple[torch.dtype, torch.dtype, str, bool, bool]]:

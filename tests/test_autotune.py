@@ -47,19 +47,33 @@ def test_choose_times_each_candidate_once_and_remembers():
     timer = FakeTimer([3.0, 1.0, 2.0])
     tuner = Tuner(timer=timer)
     tried = []
-    assert tuner.choose("k", [SMALL, WIDE, DEEP], tried.append) == WIDE
+    assert tuner.choose("k", lambda: [SMALL, WIDE, DEEP], tried.append) == WIDE
     assert tried == [SMALL, WIDE, DEEP] and timer.calls == 3
     assert tuner.timings["k"] == {SMALL: 3.0, WIDE: 1.0, DEEP: 2.0}
-    assert tuner.choose("k", [SMALL, WIDE, DEEP], tried.append) == WIDE
+    assert tuner.choose("k", lambda: pytest.fail("asked again"), tried.append) == WIDE
     assert timer.calls == 3 and len(tried) == 3  # remembered: nothing timed again
 
 
 def test_a_single_candidate_is_not_timed_and_none_is_an_error():
     timer = FakeTimer([])
     tuner = Tuner(timer=timer)
-    assert tuner.choose("one", [SMALL], lambda c: pytest.fail("timed")) == SMALL
+    assert tuner.choose("one", lambda: [SMALL], lambda c: pytest.fail("timed")) == SMALL
     with pytest.raises(RuntimeError, match="no tile configuration fits the device for none"):
-        tuner.choose("none", [], lambda c: None)
+        tuner.choose("none", lambda: [], lambda c: None)
+
+
+def test_a_config_that_fails_to_launch_is_skipped():
+    def trial(config):
+        if config is not WIDE:
+            raise autotune.OutOfResources(300_000, 232_448, "shared memory")
+
+    tuner = Tuner(timer=FakeTimer([5.0, 5.0, 5.0]), failures=autotune.LAUNCH_FAILURES)
+    assert tuner.choose("k", lambda: [SMALL, WIDE, DEEP], trial) == WIDE
+    assert tuner.timings["k"][SMALL] == float("inf") and tuner.timings["k"][WIDE] == 5.0
+    with pytest.raises(RuntimeError, match="no tile configuration could be launched for all"):
+        tuner.choose("all", lambda: [SMALL, DEEP], trial)
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not a launch failure
+        tuner.choose("bug", lambda: [SMALL, WIDE], lambda c: (_ for _ in ()).throw(ValueError("a bug")))
 
 
 @pytest.mark.interpreter

@@ -173,6 +173,17 @@ def run_step(step: Step, out: Path, root: Path = ROOT) -> Outcome:
     return Outcome(step.name, " ".join(command), status, seconds, rc, tail)
 
 
+def _run_in_budget(step: Step, out: Path, mirror: Path, deadline: float) -> Outcome:
+    """The step under the smaller of its limit and the budget left; skipped when the budget left
+    is below its estimate."""
+    left = deadline - time.monotonic()
+    if left < step.estimate:
+        return Outcome(step.name, " ".join(step.command), "skipped", tail=f"{left:.0f} s of budget left")
+    return run_step(
+        Step(step.name, step.command, min(step.limit, int(left)), step.estimate, step.env), out, mirror
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -204,19 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"environment": env, "budget_s": args.budget, "steps": []}
     deadline = time.monotonic() + args.budget
-    mirror = link_package(Path(tempfile.mkdtemp(prefix="featcal-gpu-run-")) / "featcal")
-    for step in steps:
-        left = deadline - time.monotonic()
-        if left < step.estimate:
-            outcome = Outcome(
-                step.name, " ".join(step.command), "skipped", tail=f"{left:.0f} s of budget left"
-            )
-        else:
-            limited = Step(step.name, step.command, min(step.limit, int(left)), step.estimate, step.env)
-            outcome = run_step(limited, out, mirror)
-        record["steps"].append(asdict(outcome))
-        (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{outcome.name:<18} {outcome.status:<10} {outcome.seconds:>7.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="featcal-gpu-run-") as links:
+        mirror = link_package(Path(links) / "featcal")
+        for step in steps:
+            record["steps"].append(asdict(_run_in_budget(step, out, mirror, deadline)))
+            (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            last = record["steps"][-1]
+            print(f"{last['name']:<18} {last['status']:<10} {last['seconds']:>7.1f} s", flush=True)
     failed = [s["name"] for s in record["steps"] if s["status"] != "passed"]
     print(f"results in {out}; {'all steps passed' if not failed else 'not passed: ' + ', '.join(failed)}")
     return 1 if failed else 0

@@ -21,6 +21,20 @@ PLACEMENTS = ("device", "cpu", "disk")
 PENDING_WRITES = 2
 
 
+def _write_batch(path: str, host: Tensor, ready: object | None, streams: DeviceStreams | None) -> None:
+    """Write a host batch to its raw file, once the copy that fills it (`ready`) is done."""
+    if ready is not None:
+        streams.synchronize(ready)
+    flat = host.contiguous().reshape(-1).view(torch.uint8)
+    try:
+        with open(path, "wb") as file:
+            file.write(flat.numpy().data)
+    except OSError as err:
+        if os.path.exists(path):
+            os.remove(path)
+        raise write_error(path, flat.numel(), err, "give another --offload-dir") from err
+
+
 class Stream:
     """The hidden states of one stream, one tensor per batch, stored at `placement` and served on `device`.
 
@@ -74,18 +88,19 @@ class Stream:
             self._tensors.append(value.to(self.device))
             return
         self._raise_failed_write()
+        if self.placement == "disk" and len(self._writes) >= PENDING_WRITES:
+            self._writes[-PENDING_WRITES].result()  # bounds the host copies in flight
         host, ready = self._to_host(value)
         if self.placement == "cpu":
             self._tensors.append(host)
             self._ready.append(ready)
             return
-        if len(self._writes) >= PENDING_WRITES:
-            self._writes[-PENDING_WRITES].result()  # bounds the host copies in flight
         path = os.path.join(self.directory, f"{self.name}.{len(self._files):06d}.bin")
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"featcal-{self.name}")
         self._files.append((path, value.shape, value.dtype))
-        self._writes.append(self._writer.submit(self._write, path, host, ready))
+        # A function of its arguments, not of the stream: the stream is never freed on the writer.
+        self._writes.append(self._writer.submit(_write_batch, path, host, ready, self._streams))
 
     def _to_host(self, value: Tensor) -> tuple[Tensor, object | None]:
         """A host copy of value that the stream owns, and the event that ends it (None: done)."""
@@ -102,18 +117,6 @@ class Stream:
             s.copy(host, value)
         s.keep_alive(value, side)  # its memory is not reused before the copy is done
         return host, s.event(side)
-
-    def _write(self, path: str, host: Tensor, ready: object | None) -> None:
-        if ready is not None:
-            self._streams.synchronize(ready)
-        flat = host.contiguous().reshape(-1).view(torch.uint8)
-        try:
-            with open(path, "wb") as file:
-                file.write(flat.numpy().data)
-        except OSError as err:
-            if os.path.exists(path):
-                os.remove(path)
-            raise write_error(path, flat.numel(), err, "give another --offload-dir") from err
 
     def _raise_failed_write(self) -> None:
         for write in self._writes:

@@ -55,8 +55,14 @@ class BlockContext:
         return replace(self, args=tree_map(move, self.args), kwargs=tree_map(move, self.kwargs))
 
     def pinned(self) -> BlockContext:
-        """This context with its CPU tensors in page-locked memory (needs CUDA)."""
-        pin = lambda v: v.pin_memory() if isinstance(v, Tensor) and not v.is_cuda and not v.is_pinned() else v  # noqa: E731
+        """This context with its tensors copied into page-locked host memory (needs CUDA), from
+        wherever they are, once."""
+
+        def pin(value):
+            if not isinstance(value, Tensor) or value.is_pinned():
+                return value
+            return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value)
+
         return replace(self, args=tree_map(pin, self.args), kwargs=tree_map(pin, self.kwargs))
 
     def tensors(self) -> list[Tensor]:

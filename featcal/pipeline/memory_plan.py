@@ -2,8 +2,8 @@
 
 Per block the run holds: the weights of the merged block, one expert block and the base block;
 the statistics (upper bound: every linear module with its own d_in x d_in Gram, cross moment or
-right-hand side, the block's sums and one d_in x d_in solve); one batch's activations inside a
-block (estimate); and the streams: per task the student and expert hidden states of every
+right-hand side, the block's sums and one d_in x d_in solve or tuning scratch); one batch's
+activations inside a block (estimate); and the streams: per task the student and expert hidden states of every
 batch, with the captured block arguments, plus one task's stream being rebuilt.
 
 Streams live on the device, in (pinned) CPU memory or on disk. `auto` takes the first of those
@@ -89,7 +89,9 @@ def estimate(
         modules = calibrated_modules(block, kind_of).values()
         linear = [(m.d_in, m.d_out) for m in modules if m.kind == LINEAR]
         stats = sum(2 * d * d + max(d * d, d * o) + d * o for d, o in linear)
-        stats += max((d * d for d, _ in linear), default=0)
+        # one d_in x d_in solve, or (never at the same time) the kernels' tuning scratch: one
+        # accumulator of the largest Gram or cross moment, on a GPU the first time a shape is seen
+        stats += max((max(d * d, d * o) for d, o in linear), default=0)
         statistics = max(statistics, stats * acc)
         width = max((m.d_in for m in modules), default=0)
         activations_per_token = max(activations_per_token, 2 * sum(o for _, o in linear) + 4 * width)

@@ -80,8 +80,8 @@ class TaskState:
     def _kept(self, ctx: BlockContext) -> BlockContext:
         """ctx as it is kept: at home, in pinned memory when a CPU home serves a GPU (its copies to
         the GPU at every block call are then asynchronous)."""
-        ctx = ctx.to(self.home)
-        return ctx.pinned() if self.home.type == "cpu" and self._run.device.type == "cuda" else ctx
+        pin = self.home.type == "cpu" and self._run.device.type == "cuda"
+        return ctx.pinned() if pin else ctx.to(self.home)
 
     def inputs(self) -> BlockInputs:
         return BlockInputs(
