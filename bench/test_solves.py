@@ -134,6 +134,15 @@ def test_block_solves(benchmark, summary, peak_memory, monkeypatch, name, impl):
     extra = peak_memory(fn)
     benchmark.pedantic(fn, rounds=5 if BLOCKS[name][1] or CUDA else 1, iterations=1)
     case = f"solves {name} fp32"
+    nbytes = sum(
+        4 * (A.numel() + 2 * sum(B.numel() for B in rhs)) for A, rhs in groups
+    )  # A, B read; X written
     summary.add(
-        case, impl, benchmark.stats.stats.median, _flops(groups), torch.float32, extra and extra - outputs
+        case,
+        impl,
+        benchmark.stats.stats.median,
+        _flops(groups),
+        torch.float32,
+        extra and extra - outputs,
+        nbytes=nbytes,
     )

@@ -118,6 +118,15 @@ class _Case:
                 total += 2 * n * d * big_d + 2 * d * d * big_d
         return total
 
+    def fewest_bytes(self) -> int:
+        """Every activation read once (student and teacher inputs, expert outputs of project
+        groups) and every float32 statistic written once: the roofline's bytes."""
+        reads = [*self.xs_attn, *self.xe_attn, *self.xs_mlp, *self.ye_mlp, *self.xe_mlp]
+        total = sum(t.numel() * t.element_size() for t in reads)
+        for group in self._groups():
+            total += 4 * group.d_in * (group.d_in + group.d_out)  # the Gram and Q_t
+        return total
+
     def _groups(self) -> list[Group]:
         attn = [ModuleRef(name, LINEAR, m) for name, m in self.attn.items()]
         return [Group(LINEAR, attn, None), Group(LINEAR, [ModuleRef("mlp", LINEAR, self.mlp)], None)]
@@ -221,7 +230,8 @@ def test_block_statistics(benchmark, summary, monkeypatch, shape, dtype, impl):
     fn = case.reference if impl == "reference" else (lambda: case.featcal(precision=precision))
     _check(fn(), case.want(), _tolerance(dtype, precision))
     seconds = _time(benchmark, fn, rounds=5 if CUDA else 2)
-    summary.add(f"block {shape.name} {str(dtype)[6:]}", impl, seconds, case.useful_flops(), dtype)
+    case_name = f"block {shape.name} {str(dtype)[6:]}"
+    summary.add(case_name, impl, seconds, case.useful_flops(), dtype, nbytes=case.fewest_bytes())
 
 
 BF16, FP32 = torch.bfloat16, torch.float32
