@@ -22,6 +22,8 @@ from .launch import (
     load_weights,
     on_device,
     placeholder,
+    row_slice,
+    row_splits,
     weight_stride,
 )
 
@@ -46,9 +48,7 @@ def _weighted_sum_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_cols = cols < d
     col_off = cols.to(tl.int64) * stride_d
-    rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
-    row_start = tl.program_id(1) * rows_per_split
-    row_stop = tl.minimum(row_start + rows_per_split, n)
+    row_start, row_stop = row_slice(n, splits, tl.program_id(1), BLOCK_N)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for start in range(row_start, row_stop, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
@@ -68,7 +68,7 @@ def weighted_sum(x: Tensor, w: Tensor | None, out: Tensor) -> Tensor:
     w = check_weights("weighted_sum", w, n, x.device)
     if n == 0:
         return out
-    split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))
+    split = row_splits(n, SPLIT_N, BLOCK_N)
     grid = (triton.cdiv(d, BLOCK_D), split)
     with on_device(x):
         _weighted_sum_kernel[grid](

@@ -125,3 +125,16 @@ class KernelVariant:
     divisible: tuple[str, ...] = ()
     unit: tuple[str, ...] = ()
     shared_bound: int | None = None  # bytes the tuner assumes when it prunes; None: not tuned
+
+
+def row_splits(n: int, most: int, block: int) -> int:
+    """Row slices for n rows: at most `most`, each of at least one block."""
+    return max(1, min(most, triton.cdiv(n, block)))
+
+
+@triton.jit
+def row_slice(n, splits, index, BLOCK: tl.constexpr):
+    """[start, stop) of the index-th of `splits` slices of n rows, each a multiple of BLOCK rows."""
+    rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK) * BLOCK
+    start = index * rows_per_split
+    return start, tl.minimum(start + rows_per_split, n)

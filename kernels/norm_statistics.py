@@ -25,6 +25,8 @@ from .launch import (
     load_weights,
     on_device,
     placeholder,
+    row_slice,
+    row_splits,
     weight_stride,
 )
 
@@ -85,9 +87,7 @@ def _norm_moments_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_cols = cols < d
     col_off = cols.to(tl.int64) * stride_d
-    rows_per_split = tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N
-    row_start = tl.program_id(1) * rows_per_split
-    row_stop = tl.minimum(row_start + rows_per_split, n)
+    row_start, row_stop = row_slice(n, splits, tl.program_id(1), BLOCK_N)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for start in range(row_start, row_stop, BLOCK_N):
@@ -127,7 +127,7 @@ def norm_moments(
     if n == 0:
         return out_sum, out_sq
     scale = torch.empty(n, 2, dtype=torch.float32, device=x.device)
-    split = max(1, min(SPLIT_N, triton.cdiv(n, BLOCK_N)))
+    split = row_splits(n, SPLIT_N, BLOCK_N)
     with on_device(x):
         _row_scale_kernel[(triton.cdiv(n, BLOCK_N),)](
             x, scale, n, d, x.stride(0), x.stride(1), float(eps), RMS=rms, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D

@@ -36,6 +36,7 @@ from .launch import (
     load_weights,
     on_device,
     placeholder,
+    row_slice,
     weight_stride,
 )
 
@@ -102,9 +103,7 @@ def _weighted_product_kernel(
     if LOWER:
         if pid_n * BLOCK_N > pid_m * BLOCK_M + BLOCK_M - 1:
             return
-    rows_per_split = tl.cdiv(tl.cdiv(n, SPLIT_K), BLOCK_K) * BLOCK_K
-    row_start = pid_s * rows_per_split
-    row_stop = tl.minimum(row_start + rows_per_split, n)
+    row_start, row_stop = row_slice(n, SPLIT_K, pid_s, BLOCK_K)
     cols_x = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_y = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_x = cols_x < dx
