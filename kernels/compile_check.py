@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -73,6 +74,7 @@ class Row:
     problem: str = ""
 
 
+@functools.cache  # built once per process: every compile job looks its variant up here
 def all_variants() -> list[KernelVariant]:
     return [
         *weighted_product.compile_variants(),

@@ -152,8 +152,7 @@ def _launch(x: Tensor, y: Tensor, w: Tensor | None, out: Tensor, *, lower: bool,
     dy = y.shape[1]
     if n == 0:
         return out
-    options = dot_options(x.dtype, y.dtype, precision=precision)
-    flags = {"HAS_W": w is not None, "LOWER": lower, **options}
+    flags = {"HAS_W": w is not None, "LOWER": lower, **dot_options(x.dtype, y.dtype, precision=precision)}
 
     def launch(config: TileConfig, into: Tensor) -> None:
         grid = (triton.cdiv(dx, config.block_m), triton.cdiv(dy, config.block_n), config.split_k)
@@ -202,7 +201,7 @@ def weighted_gram(
 
     With `lower_only`, entries above the diagonal may be left partly accumulated; call
     `mirror_lower(out)` once at the end. `precision` ("ieee", "tf32", "tf32x3") is how float32
-    products run on a GPU (launch.FLOAT32_PRECISIONS).
+    products run on a GPU (featcal.config.FLOAT32_PRECISIONS).
     """
     check_inputs("weighted_gram", x)
     n, d = x.shape
@@ -253,7 +252,7 @@ def _flag_combinations() -> list[tuple[torch.dtype, torch.dtype, str, bool, bool
     """(x dtype, y dtype, precision, lower, weighted) for every launch a GPU can receive."""
     combos = []
     for x_dtype, y_dtype in _pairs():
-        float32_dot = x_dtype != y_dtype or x_dtype == torch.float32
+        float32_dot = dot_kind(x_dtype, y_dtype, "ieee") != "16-bit"
         for precision in FLOAT32_PRECISIONS if float32_dot else ("ieee",):
             for lower in (False, True) if x_dtype == y_dtype else (False,):
                 combos += [(x_dtype, y_dtype, precision, lower, has_w) for has_w in (False, True)]

@@ -59,6 +59,28 @@ def empty_model(path: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def tensor_slots(module: nn.Module, skip: Iterable[nn.Module] = (), prefix: str = "") -> list[tuple]:
+    """(dotted name, owner module, 'param' | 'buffer', leaf name, tensor) for every parameter and
+    buffer of `module` outside the submodules `skip`, tied names included."""
+    skip_ids = {id(m) for m in skip}
+    slots, stack = [], [(prefix, module)]
+    while stack:
+        name, owner = stack.pop()
+        for kind, table in (("param", owner._parameters), ("buffer", owner._buffers)):
+            for leaf, tensor in table.items():
+                if tensor is not None:
+                    slots.append((f"{name}.{leaf}" if name else leaf, owner, kind, leaf, tensor))
+        for child_name, child in owner._modules.items():
+            if child is not None and id(child) not in skip_ids:
+                stack.append((f"{name}.{child_name}" if name else child_name, child))
+    return slots
+
+
+def put_slot(owner: nn.Module, kind: str, leaf: str, tensor: Tensor) -> None:
+    """Set a slot of `tensor_slots` to `tensor` (a parameter or a buffer, as `kind` says)."""
+    getattr(owner, "_buffers" if kind == "buffer" else "_parameters")[leaf] = tensor
+
+
 class LazyModel:
     """A model skeleton over a safetensors checkpoint directory; tensors are read block by block.
 
@@ -139,20 +161,10 @@ class LazyModel:
     def _slots(self, module: nn.Module, skip: Iterable[nn.Module] = ()) -> list[tuple]:
         """(checkpoint key or None, owner module, 'param' | 'buffer', leaf name, tensor) for every
         parameter and buffer of `module` outside the submodules `skip`, tied names included."""
-        prefix, skip_ids = self.name_of(module), {id(m) for m in skip}
-        slots, stack = [], [(prefix, module)]
-        while stack:
-            name, owner = stack.pop()
-            for kind, table in (("param", owner._parameters), ("buffer", owner._buffers)):
-                for leaf, tensor in table.items():
-                    if tensor is not None:
-                        slots.append(
-                            (self.key(f"{name}.{leaf}" if name else leaf), owner, kind, leaf, tensor)
-                        )
-            for child_name, child in owner._modules.items():
-                if child is not None and id(child) not in skip_ids:
-                    stack.append((f"{name}.{child_name}" if name else child_name, child))
-        return slots
+        return [
+            (self.key(name), owner, kind, leaf, tensor)
+            for name, owner, kind, leaf, tensor in tensor_slots(module, skip, self.name_of(module))
+        ]
 
     def _fill(self, slots: list[tuple], device: torch.device, required: bool = True) -> None:
         """Put the checkpoint's tensors (or, for unsaved buffers, the built ones) on `device` into
@@ -173,7 +185,7 @@ class LazyModel:
                     )
                 value = value.to(device) if value.device.type != "meta" else value
                 real[id(tensor)] = nn.Parameter(value, requires_grad=False) if kind == "param" else value
-            getattr(owner, "_buffers" if kind == "buffer" else "_parameters")[leaf] = real[id(tensor)]
+            put_slot(owner, kind, leaf, real[id(tensor)])
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
@@ -220,4 +232,4 @@ class LazyModel:
             yield backbone
         finally:
             for _, owner, kind, leaf, tensor in slots:
-                getattr(owner, "_buffers" if kind == "buffer" else "_parameters")[leaf] = tensor
+                put_slot(owner, kind, leaf, tensor)

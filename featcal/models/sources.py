@@ -20,7 +20,7 @@ from ..errors import FeatCalError, Location
 from ..io.checkpoint import load_model, resolve
 from ..io.lazy_checkpoint import LazyCheckpoint
 from .adapters import ModelAdapter, find_adapter
-from .lazy_model import LazyModel
+from .lazy_model import LazyModel, put_slot, tensor_slots
 
 log = logging.getLogger("featcal")
 
@@ -50,26 +50,19 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 def front_on_device(backbone: nn.Module, blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
     """`backbone`'s tensors outside `blocks` (embeddings, norms) on `device` for the duration; the
     blocks stay where they are (each goes to the device in its turn, as the memory plan counts)."""
-    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    slots = tensor_slots(backbone, skip=blocks)
     moved: dict[int, torch.Tensor] = {}  # one copy of a tensor that several modules share
-    swapped = []
-    for module in backbone.modules():
-        for kind in ("_parameters", "_buffers"):
-            table = getattr(module, kind)
-            for name, tensor in table.items():
-                if tensor is None or id(tensor) in in_blocks or tensor.device == device:
-                    continue
-                if id(tensor) not in moved:
-                    copy = tensor.detach().to(device)
-                    is_param = isinstance(tensor, nn.Parameter)
-                    moved[id(tensor)] = nn.Parameter(copy, tensor.requires_grad) if is_param else copy
-                swapped.append((table, name, tensor))
-                table[name] = moved[id(tensor)]
+    for _, owner, kind, leaf, tensor in slots:
+        if tensor.device != device:
+            if id(tensor) not in moved:
+                copy = tensor.detach().to(device)
+                moved[id(tensor)] = nn.Parameter(copy, tensor.requires_grad) if kind == "param" else copy
+            put_slot(owner, kind, leaf, moved[id(tensor)])
     try:
         yield
     finally:
-        for table, name, tensor in swapped:
-            table[name] = tensor
+        for _, owner, kind, leaf, tensor in slots:
+            put_slot(owner, kind, leaf, tensor)
 
 
 class ModelSource:
