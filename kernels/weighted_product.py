@@ -178,7 +178,7 @@ def _launch(x: Tensor, y: Tensor, w: Tensor | None, out: Tensor, *, lower: bool,
 
             def trial(config: TileConfig) -> None:
                 if not scratch:
-                    scratch.append(torch.empty_like(out))  # its values do not matter
+                    scratch.append(torch.zeros_like(out))  # zeros: no NaN garbage in the timed adds
                 launch(config, scratch[0])
 
             config = tuner.choose(key, candidates, trial)
