@@ -56,6 +56,9 @@ class FeatCalConfig:
         solves the attention, then re-takes the MLP's from the block with its attention solved
         (every sub-layer in turn); "group" does the same for every group of modules that read one
         input, in forward order.
+    min_expert_tokens: a routed MoE expert that fewer calibration tokens (padding excluded, all
+        tasks together) reach than this keeps its merged weights and is listed in the report
+        (too few rows to say more than the ridge anchor already does).
     """
 
     lambda_ratio: float = 0.05
@@ -75,6 +78,7 @@ class FeatCalConfig:
     distributed: str = "auto"
     distributed_timeout: float = 1800.0
     sequential: str = "off"
+    min_expert_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.cross_method not in CROSS_METHODS:
@@ -99,6 +103,8 @@ class FeatCalConfig:
             raise FeatCalError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         parse_bytes(self.max_gpu_memory)
         parse_bytes(self.max_cpu_memory)
+        if self.min_expert_tokens < 1:
+            raise FeatCalError(f"min_expert_tokens must be >= 1, got {self.min_expert_tokens}")
         if self.drift_examples is not None and self.drift_examples < 0:
             raise FeatCalError(f"drift_examples must be >= 0 or None, got {self.drift_examples}")
 
@@ -113,8 +119,8 @@ class FeatCalConfig:
     @staticmethod
     def upgrade(settings: dict) -> dict:
         """Settings written by an earlier featcal in today's names (allow_tf32 became
-        float32_precision)."""
-        settings = dict(settings)
+        float32_precision; min_expert_tokens came later, at its default)."""
+        settings = {"min_expert_tokens": FeatCalConfig.min_expert_tokens, **settings}
         if "allow_tf32" in settings:
             settings["float32_precision"] = "tf32" if settings.pop("allow_tf32") else "ieee"
         return settings

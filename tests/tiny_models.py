@@ -17,14 +17,30 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     RobertaConfig,
     RobertaModel,
     T5Config,
@@ -55,15 +71,19 @@ class Family:
     call_kwargs: dict = field(default_factory=dict)
     # the modules of a block that open a sub-layer (reference_impl's sequential="sublayer")
     sublayers: tuple[str, ...] = ()
+    # module name -> the axis of the tokens in its 4-D input (per-head norms)
+    token_axis: Callable[[str], int] = lambda name: 1
 
 
 def _vision_batch(gen: torch.Generator, size: int) -> dict:
     return {"pixel_values": torch.randn(size, 3, 32, 32, generator=gen)}
 
 
-def _text_batch(gen: torch.Generator, size: int, length: int = 12, pad_to: int | None = None) -> dict:
+def _text_batch(
+    gen: torch.Generator, size: int, length: int = 12, pad_to: int | None = None, shortest: int = 4
+) -> dict:
     ids = torch.randint(5, 100, (size, length), generator=gen)
-    lengths = torch.randint(4, length + 1, (size,), generator=gen)
+    lengths = torch.randint(shortest, length + 1, (size,), generator=gen)
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = ids * mask + (1 - mask)  # token 1 as padding
     if pad_to is not None and pad_to > length:
@@ -252,6 +272,70 @@ T5_ENCODER = Family(
 )
 
 LARGE_FAMILIES = [LLAMA, MISTRAL, QWEN2, GPT2, T5, T5_ENCODER]
+
+_HEADS = dict(head_dim=HIDDEN // HEADS)
+# Sliding-window layers (a window of 3 < 12 tokens) alternating with full attention.
+_LAYER_TYPES = dict(
+    num_hidden_layers=3,
+    sliding_window=3,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    query_pre_attn_scalar=HIDDEN // HEADS,
+)
+_MOE = dict(num_experts_per_tok=2)
+
+
+def _modern_family(name: str, model_cls, config_cls, *, batch=_text_batch, **extra) -> Family:
+    def build():
+        config = config_cls(**{**_DECODER, **extra})
+        config._experts_implementation = "eager"  # grouped_mm has no float64 (they agree to 1e-7)
+        return model_cls(config)
+
+    family = _decoder_family(name, model_cls, config_cls)
+    family.build, family.make_batch = _seeded(build), batch
+    return family
+
+
+def _short_padding_batch(gen: torch.Generator, size: int, **kwargs) -> dict:
+    """At most 2 padding tokens: within a window of 3 every padding query still sees a real key
+    (HF's float64 eager attention turns a fully masked row into NaN, which then spreads)."""
+    return _text_batch(gen, size, shortest=10, **kwargs)
+
+
+QWEN3 = _modern_family("qwen3", Qwen3ForCausalLM, Qwen3Config, **_HEADS)
+PHI3 = _modern_family("phi3", Phi3ForCausalLM, Phi3Config, bos_token_id=2, eos_token_id=2)
+GEMMA2 = _modern_family(
+    "gemma2", Gemma2ForCausalLM, Gemma2Config, batch=_short_padding_batch, **_HEADS, **_LAYER_TYPES
+)
+GEMMA3 = _modern_family(
+    "gemma3", Gemma3ForCausalLM, Gemma3TextConfig, batch=_short_padding_batch, **_HEADS, **_LAYER_TYPES
+)
+GEMMA3.token_axis = lambda name: 2 if name.endswith(("q_norm", "k_norm")) else 1
+GEMMA2.sublayers = GEMMA3.sublayers = ("input_layernorm", "pre_feedforward_layernorm")
+MIXTRAL = _modern_family("mixtral", MixtralForCausalLM, MixtralConfig, num_local_experts=4, **_MOE)
+QWEN2_MOE = _modern_family(
+    "qwen2-moe",
+    Qwen2MoeForCausalLM,
+    Qwen2MoeConfig,
+    num_experts=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=MLP,
+    **_MOE,
+)
+QWEN3_MOE = _modern_family(
+    "qwen3-moe",
+    Qwen3MoeForCausalLM,
+    Qwen3MoeConfig,
+    num_experts=4,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    **_HEADS,
+    **_MOE,
+)
+OLMOE = _modern_family(
+    "olmoe", OlmoeForCausalLM, OlmoeConfig, num_experts=4, bos_token_id=2, eos_token_id=2, **_MOE
+)
+MOE_FAMILIES = [MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE]
+NEW_FAMILIES = [QWEN3, PHI3, GEMMA2, GEMMA3, *MOE_FAMILIES]
 
 
 class ToyBlock(nn.Module):

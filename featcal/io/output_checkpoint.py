@@ -31,7 +31,13 @@ class OutputCheckpoint:
     ) -> None:
         self.merged, self.blocks, self.directory = merged, blocks, Path(directory)
         checkpoint = merged.checkpoint
-        in_blocks = {key for stage in blocks for block in stage for key in merged.stored_keys(block)}
+        in_blocks = {
+            source
+            for stage in blocks
+            for block in stage
+            for key in merged.stored_keys(block)
+            for source in checkpoint.sources(key)
+        }
         rest: dict[str, list[str]] = {}
         for key in checkpoint.keys():
             if key not in in_blocks:
@@ -45,13 +51,18 @@ class OutputCheckpoint:
         self.exact = BlockFiles(blocks, self.directory / "featcal-exact-blocks")
         flat = [(k, i) for k, stage in enumerate(blocks) for i in range(len(stage))]
         for stage, index in flat[:finished]:
-            keys = merged.stored_keys(blocks[stage][index])
+            keys = self._stored(blocks[stage][index])
             if not self.writer.adopt_shard(self._number(stage, index), keys):
                 raise DamagedOutputError(
                     f"the partial output {self.directory} is damaged: the shard of "
                     f"{self._file(stage, index).name} (a finished block) is missing, incomplete or holds "
                     "other tensors; pass --overwrite to discard it and start over"
                 )
+
+    def _stored(self, skeleton: nn.Module) -> list[str]:
+        """The checkpoint's own keys of a block's tensors (per-expert keys of fused experts)."""
+        checkpoint = self.merged.checkpoint
+        return [s for key in self.merged.stored_keys(skeleton) for s in checkpoint.sources(key)]
 
     def _number(self, stage: int, index: int) -> int:
         return self.first_block + self.offsets[stage] + index
@@ -62,10 +73,15 @@ class OutputCheckpoint:
     def write(self, stage: int, index: int, block: nn.Module) -> None:
         """Write a calibrated block (a copy of skeleton block `index` of `stage`) as its shard; a
         block that its stored dtypes round is also kept exactly, for a resumed run to replay."""
+        checkpoint = self.merged.checkpoint
         exact = self.merged.stored(self.blocks[stage][index], block)
-        tensors = {key: value.to(self.merged.checkpoint.dtype(key)) for key, value in exact.items()}
-        if any(tensors[key].dtype != value.dtype for key, value in exact.items()):
+        if any(value.dtype != checkpoint.dtype(key) for key, value in exact.items()):
             self.exact.write(stage, index, block)
+        tensors = {
+            source: part.to(checkpoint.dtype(key))
+            for key, value in exact.items()
+            for source, part in checkpoint.split(key, value).items()
+        }
         self.writer.write_shard(self._number(stage, index), tensors)
 
     def read_into(self, stage: int, index: int, block: nn.Module) -> None:
@@ -76,8 +92,9 @@ class OutputCheckpoint:
             return
         skeleton = self.blocks[stage][index]
         with safe_open(self._file(stage, index), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in self.merged.stored_keys(skeleton)}
-        self.merged.load_stored(skeleton, block, tensors)
+            stored = {key: f.get_tensor(key) for key in self._stored(skeleton)}
+        fused = {k: self.merged.checkpoint.fuse(k, stored) for k in self.merged.stored_keys(skeleton)}
+        self.merged.load_stored(skeleton, block, fused)
 
     def finish(self) -> None:
         """The index, and config.json, generation and tokenizer / processor files of the merged model."""

@@ -12,14 +12,15 @@ Optional fields: `backbone` (the module to call with a batch; by default the HF 
 task-head wrapper), `inputs` (batch keys passed to it), `token_mask` (padding mask of a batch,
 weight 0 for padding), `token_focus` (extra token weights per block and module), `run_block`,
 `module_kind` (which modules are calibrated, and as what; norms are found by their formula),
-`check_model` (refusals), `post_norm` (norms that close a sub-layer) and `encdec` for T5-style
-encoder-decoders.
+`check_model` (refusals), `post_norm` (norms that close a sub-layer), `layer_types` (blocks
+replayed with the arguments of their type), `token_axis` (where the tokens are in inputs of
+more than three dimensions) and `encdec` for T5-style encoder-decoders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -94,16 +95,22 @@ def same_hidden(backbone: nn.Module, hidden: Tensor) -> Tensor:
     return hidden
 
 
-def refuse_mixed_layer_types(model: nn.Module, role: str) -> None:
-    """Block 0's inputs are replayed to every block: models whose layers receive different masks
-    (sliding-window layers mixed with full attention, per `config.layer_types`) are refused."""
-    kinds = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
-    if len(kinds) > 1:
-        raise FeatCalError(
-            f"the {role} mixes layer types {sorted(kinds)} (config.layer_types): its blocks receive "
-            "different attention masks, and featcal replays the first block's inputs to every block; "
-            "this is not supported yet"
-        )
+def accept_any(model: nn.Module, role: str) -> None:
+    return None
+
+
+def config_layer_types(model: nn.Module) -> Sequence[str] | None:
+    """The type of each block, from `config.layer_types` (sliding-window or full attention)."""
+    return getattr(getattr(model, "config", None), "layer_types", None)
+
+
+def tokens_on_axis_1(module_name: str) -> int:
+    return 1
+
+
+def attention_head_norms(module_name: str) -> bool:
+    """Query and key norms (Qwen3, Gemma 3, OLMoE): inside the attention sub-layer."""
+    return module_name.endswith(("q_norm", "k_norm"))
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,15 @@ class ModelAdapter:
         None); the default recognises Linear, Conv1D, LayerNorm and norms by their formula.
     hidden_argument: the keyword of the hidden states when a block gets them by keyword.
     check_model: (model, role) -> None, or an error for a layout featcal cannot calibrate.
+    layer_types: model -> the type of each block (default `config.layer_types`); blocks of each
+        type are replayed with the arguments the model passes to its first block of that type.
+    token_axis: module name -> the axis of its input that indexes tokens, for inputs of more than
+        three dimensions (heads: Qwen3's q_norm reads (batch, tokens, heads, head_dim), axis 1;
+        Gemma 3's (batch, heads, tokens, head_dim), axis 2); token weights broadcast over the rest.
     post_norm: norm module name -> whether it normalises its sub-layer's output and so closes
-        the sub-layer rather than opening the next one (post-norm blocks: BERT; a Gemma adapter
-        would name its post-attention norms); splits blocks for `FeatCalConfig(sequential=...)`.
+        the sub-layer rather than opening the next one (post-norm blocks: BERT; Gemma's
+        post-attention and post-feedforward norms); splits blocks for `FeatCalConfig(sequential=...)`.
+    inner_norm: norm module name -> whether it neither opens nor closes a sub-layer there.
     encdec: the T5-style fields (stages, computed block arguments, cross-attention memory).
     """
 
@@ -167,8 +180,11 @@ class ModelAdapter:
     call_kwargs: Mapping[str, object] = field(default_factory=dict)
     module_kind: ModuleKind = module_kind
     hidden_argument: str = "hidden_states"
-    check_model: Callable[[nn.Module, str], None] = refuse_mixed_layer_types
+    check_model: Callable[[nn.Module, str], None] = accept_any
+    layer_types: Callable[[nn.Module], Sequence[str] | None] = config_layer_types
+    token_axis: Callable[[str], int] = tokens_on_axis_1
     post_norm: Callable[[str], bool] = pre_norms_only
+    inner_norm: Callable[[str], bool] = attention_head_norms
     encdec: EncoderDecoder = EncoderDecoder()
 
     def matches(self, model: nn.Module) -> bool:
@@ -219,6 +235,40 @@ DECODER_LM = ModelAdapter(
     blocks=lambda backbone: backbone.layers,
     inputs=("input_ids", "attention_mask", "position_ids", "inputs_embeds"),
     call_kwargs={"use_cache": False},
+)
+
+# Qwen3's q_norm and k_norm normalise each head of (batch, tokens, heads, head_dim).
+QWEN3 = replace(DECODER_LM, name="qwen3", classes=("Qwen3PreTrainedModel",))
+
+# Fused qkv_proj and gate_up_proj are Linears like any other.
+PHI3 = replace(DECODER_LM, name="phi3", classes=("Phi3PreTrainedModel",))
+
+
+def _gemma_token_axis(module_name: str) -> int:
+    # Gemma 3 normalises queries and keys after the heads move before the tokens.
+    return 2 if module_name.endswith(("q_norm", "k_norm")) else 1
+
+
+# Norms z * (1 + w); post-attention and post-feedforward norms read their sub-layer's output;
+# sliding-window and full-attention layers (and Gemma 3's two rotary embeddings) per layer type.
+GEMMA = replace(
+    DECODER_LM,
+    name="gemma",
+    classes=("GemmaPreTrainedModel", "Gemma2PreTrainedModel", "Gemma3ForCausalLM", "Gemma3TextModel"),
+    post_norm=lambda name: name.endswith(("post_attention_layernorm", "post_feedforward_layernorm")),
+    token_axis=_gemma_token_axis,
+)
+
+# Fused routed experts (modules.ROUTED_EXPERTS), the router, Qwen2-MoE's shared expert.
+MOE = replace(
+    DECODER_LM,
+    name="moe",
+    classes=(
+        "MixtralPreTrainedModel",
+        "Qwen2MoePreTrainedModel",
+        "Qwen3MoePreTrainedModel",
+        "OlmoePreTrainedModel",
+    ),
 )
 
 GPT2 = ModelAdapter(
@@ -312,12 +362,28 @@ _DESCRIPTIONS = {
     "vit": "ViTModel and its task heads (ViTForImageClassification, ...)",
     "bert": "BertModel, RobertaModel and their task heads (...ForSequenceClassification, ...)",
     "llama": "Llama, Mistral and Qwen2 decoder-only models (...Model, ...ForCausalLM, ...)",
+    "qwen3": "Qwen3 (Qwen3Model, Qwen3ForCausalLM, ...)",
+    "phi3": "Phi-3 (Phi3Model, Phi3ForCausalLM, ...)",
+    "gemma": "Gemma, Gemma 2, Gemma 3 text models (Gemma3ForCausalLM, Gemma3TextModel)",
+    "moe": "Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE mixture-of-experts decoders",
     "gpt2": "GPT2Model, GPT2LMHeadModel and other GPT-2 heads",
     "t5": "T5ForConditionalGeneration, T5Model (FLAN-T5): encoder blocks, then decoder blocks",
     "t5-encoder": "T5EncoderModel",
 }
 
-_ADAPTERS: list[ModelAdapter] = [CLIP_VISION, VIT, BERT, DECODER_LM, GPT2, T5, T5_ENCODER]
+_ADAPTERS: list[ModelAdapter] = [
+    CLIP_VISION,
+    VIT,
+    BERT,
+    DECODER_LM,
+    QWEN3,
+    PHI3,
+    GEMMA,
+    MOE,
+    GPT2,
+    T5,
+    T5_ENCODER,
+]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:

@@ -4,13 +4,20 @@ A forward pre-hook with kwargs on block 0 records what the model passes to its b
 (hidden states, attention masks, position embeddings, ...) and stops the forward there, so
 the rest of the model never runs. Every later block is called with the same arguments and
 the hidden states of the current stream.
+
+Models whose layers are of several types (`config.layer_types`: sliding-window and full
+attention, Gemma 3's local and global rotary embeddings) pass each type its own arguments:
+the first block of each type is hooked too, the blocks before it are bypassed (their forward
+returns its hidden states untouched, so no weight is read), and block i is replayed with the
+arguments of its type (`BlockContext.for_block`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +40,24 @@ class BlockContext:
     kwargs: dict
     # The keyword the block takes its hidden states by; None: the first positional argument.
     hidden_keyword: str | None = None
+    # The type of each block (config.layer_types) when the types receive different arguments;
+    # args and kwargs are those of block 0's type, by_type[kind] those of every other type.
+    layer_types: tuple[str, ...] = ()
+    by_type: dict[str, tuple[tuple, dict]] = field(default_factory=dict)
+
+    def for_block(self, index: int) -> BlockContext:
+        """The arguments block `index` of the stage receives (those of its layer type)."""
+        if not self.by_type or self.layer_types[index] == self.layer_types[0]:
+            return self
+        args, kwargs = self.by_type[self.layer_types[index]]
+        return BlockContext(args, kwargs, self.hidden_keyword)
+
+    def _tree(self) -> tuple:
+        return self.args, self.kwargs, self.by_type
+
+    def _mapped(self, fn) -> BlockContext:
+        args, kwargs, by_type = tree_map(fn, self._tree())
+        return replace(self, args=args, kwargs=kwargs, by_type=by_type)
 
     def arguments(self, hidden: Tensor) -> tuple[tuple, dict]:
         """The block's (args, kwargs) with `hidden`, the captured tensors moved to its device."""
@@ -52,7 +77,7 @@ class BlockContext:
                 value.to(device, non_blocking=device.type == "cuda") if isinstance(value, Tensor) else value
             )
 
-        return replace(self, args=tree_map(move, self.args), kwargs=tree_map(move, self.kwargs))
+        return self._mapped(move)
 
     def pinned(self) -> BlockContext:
         """This context with its tensors copied into page-locked host memory (needs CUDA), from
@@ -63,11 +88,11 @@ class BlockContext:
                 return value
             return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value)
 
-        return replace(self, args=tree_map(pin, self.args), kwargs=tree_map(pin, self.kwargs))
+        return self._mapped(pin)
 
     def tensors(self) -> list[Tensor]:
         found: list[Tensor] = []
-        tree_map(lambda v: found.append(v) if isinstance(v, Tensor) else None, (self.args, self.kwargs))
+        tree_map(lambda v: found.append(v) if isinstance(v, Tensor) else None, self._tree())
         return found
 
     def nbytes(self) -> int:
@@ -76,9 +101,9 @@ class BlockContext:
 
 def same_context(a: BlockContext, b: BlockContext) -> bool:
     """Whether two contexts hold equal arguments (then one copy serves both streams)."""
-    if a.hidden_keyword != b.hidden_keyword:
+    if a.hidden_keyword != b.hidden_keyword or a.layer_types != b.layer_types:
         return False
-    left, right = tree_map(_marker, (a.args, a.kwargs)), tree_map(_marker, (b.args, b.kwargs))
+    left, right = tree_map(_marker, a._tree()), tree_map(_marker, b._tree())
     if left != right:
         return False
     pairs = zip(a.tensors(), b.tensors())
@@ -120,48 +145,100 @@ def backbone_inputs(adapter: ModelAdapter, batch: Batch) -> tuple[dict, list[str
 def capture_first_block_inputs(
     adapter: ModelAdapter, model: nn.Module, batch: Batch, device: torch.device
 ) -> tuple[Tensor, BlockContext]:
-    """Run `model` on `batch` up to its first block; return the block's hidden states and context."""
+    """Run `model` on `batch` up to its first block (up to the first block of each layer type);
+    return the first block's hidden states and the context of every block."""
     backbone = adapter.backbone(model)
-    first = adapter.blocks(backbone)[0]
-    captured: dict = {}
+    blocks = adapter.blocks(backbone)
+    types = _layer_types(adapter, model, len(blocks))
+    firsts = {kind: types.index(kind) for kind in types} if types else {None: 0}
+    last = max(firsts.values())
+    captured: dict[int, tuple[tuple, dict]] = {}
 
-    def hook(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        stop_forward()
+    def hook_for(index: int):
+        def hook(module, args, kwargs):
+            captured[index] = args, dict(kwargs)
+            if index == last:
+                stop_forward()
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in firsts.values()]
     try:
-        if isinstance(batch, Tensor):
-            run_until_stopped(backbone, batch.to(device), **adapter.call_kwargs)
-        else:
-            inputs, _ = backbone_inputs(adapter, batch)
-            inputs = {k: _to(v, device) for k, v in inputs.items()}
-            run_until_stopped(backbone, **inputs, **adapter.call_kwargs)
+        with _bypassed(blocks[:last], adapter.hidden_argument):
+            if isinstance(batch, Tensor):
+                run_until_stopped(backbone, batch.to(device), **adapter.call_kwargs)
+            else:
+                inputs, _ = backbone_inputs(adapter, batch)
+                inputs = {k: _to(v, device) for k, v in inputs.items()}
+                run_until_stopped(backbone, **inputs, **adapter.call_kwargs)
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if len(captured) < len(firsts):
         raise FeatCalError(
             f"the forward pass of {type(backbone).__name__} never reached its first block; "
             "check the adapter's `blocks` and `backbone`"
         )
-    args, kwargs = captured["args"], dict(captured["kwargs"])
-    if args:
-        hidden, rest, keyword = args[0], tuple(args[1:]), None
-    elif adapter.hidden_argument in kwargs:
-        hidden, rest, keyword = kwargs.pop(adapter.hidden_argument), (), adapter.hidden_argument
-    else:
-        params = list(inspect.signature(first.forward).parameters)
-        raise FeatCalError(
-            f"cannot find the hidden states among the inputs of {type(first).__name__} "
-            f"(parameters {params}); pass them as the first positional argument or as "
-            f"`{adapter.hidden_argument}`, or set the adapter's `hidden_argument` or `run_block`"
-        )
+    hidden, args, kwargs, keyword = _split_hidden(adapter, blocks[0], *captured[0])
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
         raise FeatCalError(
             f"the first block of {type(backbone).__name__} receives hidden states of shape "
             f"{getattr(hidden, 'shape', None)}; featcal needs (batch, tokens, hidden)"
         )
-    return hidden.detach(), BlockContext(rest, kwargs, keyword)
+    by_type = {
+        kind: _split_hidden(adapter, blocks[i], *captured[i])[1:3] for kind, i in firsts.items() if i > 0
+    }
+    return hidden.detach(), BlockContext(args, kwargs, keyword, types if by_type else (), by_type)
+
+
+def _layer_types(adapter: ModelAdapter, model: nn.Module, count: int) -> tuple[str, ...]:
+    """The type of each block when the model has several (else ()), checked against the blocks."""
+    types = tuple(adapter.layer_types(model) or ())
+    if len(set(types)) < 2:
+        return ()
+    if len(types) != count:
+        raise FeatCalError(
+            f"{type(model).__name__} names {len(types)} layer types (config.layer_types) for "
+            f"{count} blocks"
+        )
+    return types
+
+
+@contextmanager
+def _bypassed(blocks: Sequence[nn.Module], hidden_argument: str) -> Iterator[None]:
+    """While active, each of `blocks` returns the hidden states it is given (its weights unread)."""
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs[hidden_argument]
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = passthrough
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _split_hidden(
+    adapter: ModelAdapter, block: nn.Module, args: tuple, kwargs: dict
+) -> tuple[Tensor, tuple, dict, str | None]:
+    """(hidden states, the other args, the other kwargs, the hidden states' keyword or None)."""
+    if args:
+        return args[0], tuple(args[1:]), kwargs, None
+    if adapter.hidden_argument in kwargs:
+        kwargs = dict(kwargs)
+        return kwargs.pop(adapter.hidden_argument), (), kwargs, adapter.hidden_argument
+    params = list(inspect.signature(block.forward).parameters)
+    raise FeatCalError(
+        f"cannot find the hidden states among the inputs of {type(block).__name__} "
+        f"(parameters {params}); pass them as the first positional argument or as "
+        f"`{adapter.hidden_argument}`, or set the adapter's `hidden_argument` or `run_block`"
+    )
 
 
 def token_weights(

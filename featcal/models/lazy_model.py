@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FeatCalError
+from ..io.expert_layout import ExpertLayout
 from ..io.lazy_checkpoint import LazyCheckpoint
 
 
@@ -89,7 +90,7 @@ class LazyModel:
 
     def __init__(self, path: str | os.PathLike, role: str, dtype: torch.dtype | None = None) -> None:
         self.path, self.role = Path(path), role
-        self.checkpoint = LazyCheckpoint(path)
+        self.checkpoint = ExpertLayout(LazyCheckpoint(path))
         stored = [self.checkpoint.dtype(k) for k in self.checkpoint.keys()]
         floating = [d for d in stored if d.is_floating_point]
         self.stored_dtype = floating[0] if floating else torch.float32

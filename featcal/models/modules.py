@@ -5,6 +5,11 @@
 - layernorm: `nn.LayerNorm` with an affine (gamma, optional beta), or any module that computes it.
 - rmsnorm: z * w with z = x / rms(x) (Llama, T5, Qwen, torch's `nn.RMSNorm`, ...).
 - rmsnorm-offset: z * (1 + w) (Gemma): solved in the effective scale g = 1 + w, stored as w.
+- routed-experts: transformers 5's fused MoE experts (`gate_up_proj` (E, 2I, H), `down_proj`
+  (E, H, I), `act_fn`; Mixtral, Qwen-MoE, OLMoE). Each expert e is two Linear maps, calibrated
+  as two modules `NAME.gate_up_proj[e]` and `NAME.down_proj[e]`: views of one slot of the fused
+  parameters (`ModuleRef.slot`). A MoE router (`...TopKRouter`, a weight (E, H) applied as
+  F.linear) is a linear module.
 
 Norms are recognised by structure, not by class name (`norm_kind`): a module with a 1-D
 `weight` parameter and an `eps` or `variance_epsilon` is run once on a probe input with random
@@ -29,6 +34,8 @@ RMSNORM = "rmsnorm"
 OFFSET_RMSNORM = "rmsnorm-offset"
 NORMS = (LAYERNORM, RMSNORM, OFFSET_RMSNORM)
 UNKNOWN_NORM = "unknown-norm"  # looks like a norm, computes none of NORMS
+ROUTED_EXPERTS = "routed-experts"
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # the two maps of each routed expert, in call order
 
 ModuleKind = Callable[[nn.Module], str | None]
 
@@ -37,10 +44,27 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
+def _is_router(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")
+    return type(module).__name__.endswith("TopKRouter") and weight is not None and weight.dim() == 2
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's fused experts: 3-D gate_up_proj (E, 2I, H) and down_proj (E, H, I), act_fn."""
+    params = [module._parameters.get(n) for n in EXPERT_PARAMETERS]
+    if any(p is None or p.dim() != 3 for p in params) or not hasattr(module, "act_fn"):
+        return False
+    (experts, double, hidden), shape = params[0].shape, tuple(params[1].shape)
+    return double % 2 == 0 and shape == (experts, hidden, double // 2)
+
+
 def module_kind(module: nn.Module) -> str | None:
-    """LINEAR, one of NORMS, UNKNOWN_NORM, or None for modules FeatCal leaves as merged."""
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
+    """LINEAR, one of NORMS, ROUTED_EXPERTS, UNKNOWN_NORM, or None for modules FeatCal leaves
+    as merged."""
+    if isinstance(module, nn.Linear) or _is_conv1d(module) or _is_router(module):
         return LINEAR
+    if is_fused_experts(module):
+        return ROUTED_EXPERTS
     if isinstance(module, nn.LayerNorm):
         return LAYERNORM if module.weight is not None else None
     if isinstance(module, nn.RMSNorm):
@@ -116,11 +140,18 @@ def _eps(module: nn.Module) -> float:
 
 @dataclass(frozen=True)
 class ModuleRef:
-    """One calibrated module of a block: its name inside the block, its kind and the module."""
+    """One calibrated module of a block: its name inside the block, its kind and the module.
+    A routed expert's map is `slot` (the expert) of the fused 3-D `parameter` of `module`."""
 
     name: str
     kind: str
     module: nn.Module
+    parameter: str = "weight"
+    slot: int | None = None
+
+    @property
+    def routed(self) -> bool:
+        return self.slot is not None
 
     @property
     def d_in(self) -> int:
@@ -141,10 +172,12 @@ class ModuleRef:
         """Linear: W (d_out, d_in) as the math uses it (a view for Conv1D); norms: the stored weight."""
         if _is_conv1d(self.module):
             return self.module.weight.T
+        if self.routed:
+            return getattr(self.module, self.parameter)[self.slot]
         return self.module.weight
 
     def bias(self) -> Tensor | None:
-        return getattr(self.module, "bias", None)
+        return None if self.routed else getattr(self.module, "bias", None)
 
     def params(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """(W, or a norm's effective scale g, and the bias or None), cast to dtype and device."""
@@ -172,7 +205,8 @@ class ModuleRef:
         return _eps(self.module)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {"weight": tuple(self.module.weight.shape)}
+        stored = self.weight() if self.routed else self.module.weight
+        shapes = {"weight": tuple(stored.shape)}
         if self.bias() is not None:
             shapes["bias"] = tuple(self.bias().shape)
         return shapes
@@ -183,9 +217,21 @@ def calibrated_modules(block: nn.Module, kind_of: ModuleKind = module_kind) -> d
     found = {}
     for name, module in block.named_modules():
         kind = kind_of(module) if name else None
-        if kind is not None and kind != UNKNOWN_NORM:
+        if kind == ROUTED_EXPERTS:
+            found.update({r.name: r for r in routed_modules(name, module)})
+        elif kind is not None and kind != UNKNOWN_NORM:
             found[name] = ModuleRef(name, kind, module)
     return found
+
+
+def routed_modules(name: str, module: nn.Module) -> list[ModuleRef]:
+    """The Linear maps of fused experts: every expert's gate_up_proj, then every down_proj."""
+    experts = getattr(module, EXPERT_PARAMETERS[0]).shape[0]
+    return [
+        ModuleRef(f"{name}.{parameter}[{e}]", LINEAR, module, parameter, e)
+        for parameter in EXPERT_PARAMETERS
+        for e in range(experts)
+    ]
 
 
 def unknown_norms(block: nn.Module, kind_of: ModuleKind = module_kind) -> dict[str, str]:

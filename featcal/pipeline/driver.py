@@ -561,6 +561,7 @@ def _calibrate_block(
     assert work is not None
     report = BlockReport(index=index, seconds=0.0, stage=run.where.stage)
     merged_hidden: dict[str, Tensor] = {}  # of the drift examples, through the block as given
+    low_coverage: dict[str, int] = {}  # routed experts left merged (this process solved them)
     plan = steps = None
     if not state.tasks:  # this process has no work: it still takes part in the plan and the solves
         plan, _ = _shared_plan(run, block, None, None, comm)
@@ -604,6 +605,7 @@ def _calibrate_block(
         comm.check(f"accumulating {run.where}")
         step = steps[k]
         _solve_shared(run, stage, system, step, block, base, solve_owners(step, comm.world), comm)
+        low_coverage.update(system.low_coverage)
         del system
         names = [n for g in step.groups for n in g.names]
         report.steps.append(StepReport(names, time.perf_counter() - step_started))
@@ -620,11 +622,13 @@ def _calibrate_block(
                 propagate(run, block, s)
             if s.drift is not None:
                 calibrated_drift[task] = measure_calibrated(run, block, s, propagated=not last)
-    drifts = comm.check(f"propagating {run.where}", (merged_drift, calibrated_drift))
+    gathered = comm.check(f"propagating {run.where}", (merged_drift, calibrated_drift, low_coverage))
+    for _, _, low in gathered:
+        report.low_coverage_experts.update(low)
     if cfg.drift_examples != 0:
         for task in work.tokens:
-            report.drift_merged_per_task[task] = next(m[task] for m, _ in drifts if task in m)
-            report.drift_calibrated_per_task[task] = next(c[task] for _, c in drifts if task in c)
+            report.drift_merged_per_task[task] = next(m[task] for m, _, _ in gathered if task in m)
+            report.drift_calibrated_per_task[task] = next(c[task] for _, c, _ in gathered if task in c)
         report.drift_merged = _mean(report.drift_merged_per_task.values())
         report.drift_calibrated = _mean(report.drift_calibrated_per_task.values())
     return report
@@ -634,7 +638,7 @@ def _steps(run: BlockRun, plan: BlockPlan) -> list[BlockPlan]:
     """The plans of the block's steps: the whole plan, or (sequential statistics) each step's
     groups; a step of norms that are not calibrated is left out."""
     cfg = run.config
-    steps = plan.steps(cfg.sequential, run.adapter.post_norm)
+    steps = plan.steps(cfg.sequential, run.adapter.post_norm, run.adapter.inner_norm)
     if len(steps) == 1:
         return [plan]
     if not cfg.calibrate_layernorm:
@@ -700,10 +704,21 @@ def _solve_shared(
             with base.block(stage, run.index, run.device) as base_block:
                 solve(run, system, plan, block, base_block, None if len(mine) == len(owners) else mine)
     for owner, groups in owned.items():
-        params = [
-            p.data for g in groups for ref in plan.groups[g].members for p in ref.module.parameters(False)
-        ]
+        params = _solved_tensors(plan, groups)
         comm.broadcast_from(owner, params, f"sharing the solved parameters of {where} from rank {owner}")
+
+
+def _solved_tensors(plan: BlockPlan, groups: list[int]) -> list[Tensor]:
+    """What solving `groups` writes, once each: a routed expert's slot of its fused parameter
+    (other slots may be another owner's), or the module's parameters."""
+    found: dict[object, list[Tensor]] = {}
+    for g in groups:
+        for ref in plan.groups[g].members:
+            if ref.routed:
+                found[ref.name] = [ref.weight().detach()]
+            else:
+                found.setdefault(id(ref.module), [p.data for p in ref.module.parameters(False)])
+    return [t for tensors in found.values() for t in tensors]
 
 
 def _warn_unknown_norms(student: ModelSource) -> None:

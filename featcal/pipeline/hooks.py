@@ -2,7 +2,8 @@
 
 On the expert block, hooks cache the module inputs and outputs the statistics need; on the
 merged block, pre-hooks feed each group's input straight into the sums, so no activation
-outlives its batch, and stop the forward at the plan's last module.
+outlives its batch, and stop the forward at the plan's last module. A fused experts module has
+one pre-hook for all its routed groups, which reads the merged model's routing from its call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def module_input(args: tuple, kwargs: dict) -> Tensor:
     return next(v for v in kwargs.values() if isinstance(v, Tensor))
 
 
+def _routes(args: tuple, kwargs: dict) -> Tensor:
+    """The (tokens, top_k) expert indices a fused experts module is called with."""
+    return args[1] if len(args) > 1 else kwargs["top_k_index"]
+
+
 @contextmanager
 def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[None]:
     """While active, every forward of the expert block fills `cache` (and, with
@@ -44,7 +50,7 @@ def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[
 
     def on_output(name):
         def hook(module, args, output):
-            cache.on_output(name, output)
+            cache.on_output(name, output if isinstance(output, Tensor) else output[0])  # router: logits
             stop_if_complete()
 
         return hook
@@ -53,7 +59,7 @@ def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[
     try:
         for name, ref in modules.items():
             handles.append(ref.module.register_forward_pre_hook(on_input(name), with_kwargs=True))
-            if ref.kind == LINEAR:
+            if ref.kind == LINEAR and not ref.routed:
                 handles.append(ref.module.register_forward_hook(on_output(name)))
         yield
     finally:
@@ -85,12 +91,30 @@ def student_hooks(
 
         return hook
 
+    def routed_hook(indices: list[int]):
+        names = {n for i in indices for n in plan.groups[i].names}
+
+        def hook(module, args, kwargs):
+            stats.accumulate_routed(indices, module_input(args, kwargs), _routes(args, kwargs))
+            if plan.last in names:
+                leader_inputs.clear()
+                stop_forward()
+
+        return hook
+
     handles = []
+    routed: dict[int, tuple[object, list[int]]] = {}  # fused experts module -> its groups
     try:
         for i, group in enumerate(plan.groups):
+            if group.leader.routed:
+                module = modules[group.leader.name].module
+                routed.setdefault(id(module), (module, []))[1].append(i)
+                continue
             for k, name in enumerate(group.names):
                 module = modules[name].module
                 handles.append(module.register_forward_pre_hook(hook_for(i, name, k == 0), with_kwargs=True))
+        for module, indices in routed.values():
+            handles.append(module.register_forward_pre_hook(routed_hook(indices), with_kwargs=True))
         yield
     finally:
         leader_inputs.clear()

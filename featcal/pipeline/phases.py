@@ -63,6 +63,10 @@ class BlockRun:
         """Block 0 of a stage whose later blocks get arguments it computes (T5's position bias)."""
         return self.index == 0 and self.num_blocks > 1 and self.adapter.encdec.later_arguments is not None
 
+    def call(self, block: nn.Module, hidden: Tensor, ctx: BlockContext) -> Tensor:
+        """This block's output on `hidden`, with the arguments `ctx` holds for its layer type."""
+        return run_block(self.adapter, block, hidden, ctx.for_block(self.index))
+
     def modules(self, block: nn.Module) -> dict[str, ModuleRef]:
         """The block's calibrated modules by name, as the adapter's module kinds find them."""
         return calibrated_modules(block, self.adapter.module_kind)
@@ -83,7 +87,7 @@ def discover(
     receive the same tensor form a group. `block` is the merged block the plan will drive."""
     recording = ExpertCache(record_all=True)
     with expert_hooks(run.modules(expert_block), recording):
-        output = run_block(run.adapter, expert_block, inputs.expert[0], inputs.expert_ctx[0])
+        output = run.call(expert_block, inputs.expert[0], inputs.expert_ctx[0])
     plan = discover_plan(
         recording.order,
         recording.inputs,
@@ -91,6 +95,7 @@ def discover(
         lambda name: run.adapter.token_focus(run.index, run.num_blocks, name),
         run.where,
         run.adapter.encdec.memory_inputs,
+        run.adapter.token_axis,
     )
     return plan, FirstBatch(output, recording)
 
@@ -139,11 +144,11 @@ def accumulate(
             if i == 0 and first is not None:
                 out, batch_cache = first.output, first.cache
             elif outputs is not None:
-                out = run_block(run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
+                out = run.call(expert_block, expert_hidden, inputs.expert_ctx[i])
             elif needs_expert:
-                run_until_stopped(run_block, run.adapter, expert_block, expert_hidden, inputs.expert_ctx[i])
+                run_until_stopped(run.call, expert_block, expert_hidden, inputs.expert_ctx[i])
             stats.begin_batch(inputs.weights[i], batch_cache, inputs.memory_weights[i])
-            run_until_stopped(run_block, run.adapter, block, hidden, inputs.student_ctx[i])
+            run_until_stopped(run.call, block, hidden, inputs.student_ctx[i])
             stats.end_batch()
             batch_cache.clear()
             if outputs is not None:
@@ -163,6 +168,7 @@ def fold(run: BlockRun, system: BlockSystem, sums: TaskSums, expert_block: nn.Mo
     """Normalise a task's reduced sums and fold them, with its expert's parameters, into `system`."""
     where = run.where.at(task=task)
     expert = run.modules(expert_block)
+    system.count_tokens([s.weight for s in sums.groups])
     moments = normalise(sums, expert, alpha=run.config.teacher_interp_alpha, where=where)
     system.fold([project(m, expert) for m in moments], expert, run.config.covariance_eps, where)
 
@@ -223,7 +229,7 @@ def replay_expert(run: BlockRun, expert_block: nn.Module, task: TaskState) -> No
 
 def _forward(run: BlockRun, block: nn.Module, hidden, contexts, outputs):
     for i, h in enumerate(hidden):
-        outputs.append(run_block(run.adapter, block, h, contexts[i]))
+        outputs.append(run.call(block, h, contexts[i]))
     return outputs
 
 
@@ -232,7 +238,7 @@ def measure_merged(run: BlockRun, block: nn.Module, task: TaskState) -> Tensor:
     them; returns their new hidden states (`drift` against the expert's output)."""
     ctx = task.drift_ctx
     later = later_contexts(run, block, [task.drift], [ctx], task.drift.device)
-    hidden = run_block(run.adapter, block, task.drift, ctx)
+    hidden = run.call(block, task.drift, ctx)
     task.set_drift(hidden, ctx if later is None else later[0])
     return hidden
 
@@ -244,7 +250,7 @@ def measure_calibrated(run: BlockRun, block: nn.Module, task: TaskState, propaga
     if propagated:
         out = task.student[0]
     else:
-        out = run_block(run.adapter, block, task.student[0][:count], task.drift_ctx)
+        out = run.call(block, task.student[0][:count], task.drift_ctx)
     return drift(out[:count], task.expert[0], task.weights[0])
 
 
@@ -256,6 +262,6 @@ def drift(student: Tensor, expert: Tensor, weights: Tensor | None) -> float:
     diff = (student.to(dtype) - e).square().sum(-1)
     ref = e.square().sum(-1)
     if weights is not None:
-        keep = weights[:count] > 0
-        diff, ref = diff * keep, ref * keep
+        keep = weights[:count] > 0  # (what a model leaves at padding, even NaN, is not read)
+        diff, ref = diff.where(keep, 0), ref.where(keep, 0)
     return float((diff.sum() / ref.sum()).sqrt())

@@ -26,6 +26,7 @@ class Group:
     members: list[ModuleRef]
     focus: float | None
     memory: bool = False  # reads the encoder output (T5 cross-attention keys and values)
+    token_axis: int = 1  # of an input of more than three dimensions (per-head norms)
 
     @property
     def leader(self) -> ModuleRef:
@@ -63,13 +64,19 @@ class BlockPlan:
         order = [n for n in (self.order or [n for g in self.groups for n in g.names]) if n in names]
         return BlockPlan(groups, order[-1], [], order)
 
-    def steps(self, sequential: str, post_norm: Callable[[str], bool]) -> list[list[int]]:
+    def steps(
+        self,
+        sequential: str,
+        post_norm: Callable[[str], bool],
+        inner_norm: Callable[[str], bool] = lambda name: False,
+    ) -> list[list[int]]:
         """The groups of each step of the block, in forward order (docs/algorithm.md s.12).
 
         "off": one step. "group": one per group. "sublayer": a sub-layer (attention, MLP, T5's
         cross-attention) opens at a norm that follows a linear group of the current one, and
         closes after a norm for which `post_norm(name)` holds: one applied to the sub-layer's
-        output (BERT's; Gemma's post-attention norm, for a Gemma adapter) rather than to its input.
+        output (BERT's; Gemma's post-attention norm) rather than to its input. A norm for which
+        `inner_norm(name)` holds (per-head query and key norms) stays inside its sub-layer.
         """
         indices = list(range(len(self.groups)))
         if sequential == "off":
@@ -81,8 +88,9 @@ class BlockPlan:
         for i, group in enumerate(self.groups):
             norm = group.kind != LINEAR
             is_post = norm and post_norm(group.leader.name)
+            inner = norm and inner_norm(group.leader.name)
             has_linear = bool(steps) and any(self.groups[j].kind == LINEAR for j in steps[-1])
-            if opens or (norm and not is_post and has_linear):
+            if opens or (norm and not is_post and not inner and has_linear):
                 steps.append([])
             steps[-1].append(i)
             opens = is_post
@@ -91,7 +99,7 @@ class BlockPlan:
     def layout(self) -> tuple:
         """The plan by module names alone (no tensors, no modules): what another process needs
         to rebuild it over its own copy of the block (`from_layout`)."""
-        groups = tuple((g.kind, tuple(g.names), g.focus, g.memory) for g in self.groups)
+        groups = tuple((g.kind, tuple(g.names), g.focus, g.memory, g.token_axis) for g in self.groups)
         return groups, self.last, tuple(self.skipped), tuple(self.order)
 
     @classmethod
@@ -99,7 +107,8 @@ class BlockPlan:
         """The plan of `layout` over the block whose calibrated modules are `modules`."""
         groups, last, skipped, order = layout
         rebuilt = [
-            Group(kind, [modules[n] for n in names], focus, memory) for kind, names, focus, memory in groups
+            Group(kind, [modules[n] for n in names], focus, memory, axis)
+            for kind, names, focus, memory, axis in groups
         ]
         return cls(rebuilt, last, list(skipped), list(order))
 
@@ -111,9 +120,11 @@ def discover_plan(
     focus: Callable[[str], float | None],
     where: Location,
     memory: Callable[[str], bool] | None = None,
+    token_axis: Callable[[str], int] | None = None,
 ) -> BlockPlan:
-    """Group the modules called in `order` (one forward) by identical input tensor, kind, focus and
-    token set (`memory(name)`: the module reads the encoder output, weighted by its mask)."""
+    """Group the modules called in `order` (one forward) by identical input tensor, kind, focus,
+    token set (`memory(name)`: the module reads the encoder output, weighted by its mask) and
+    token axis. Each routed expert's map is a group of its own (its tokens are its own)."""
     if not order:
         raise FeatCalError(
             f"{where}: the block's forward calls none of its calibrated modules {list(modules)}"
@@ -128,10 +139,12 @@ def discover_plan(
     for name in order:
         ref, x = modules[name], inputs[name]
         reads_memory = bool(memory and memory(name))
-        key = (ref.kind, None if ref.kind == LINEAR else ref.norm_eps(), focus(name), reads_memory)
+        axis = token_axis(name) if token_axis else 1
+        eps = None if ref.kind == LINEAR else ref.norm_eps()
+        key = (ref.kind, eps, focus(name), reads_memory, axis, ref.name if ref.routed else None)
         group = next((g for k, gx, g in found if k == key and gx is x), None)
         if group is None:
-            found.append((key, x, Group(ref.kind, [ref], key[2], reads_memory)))
+            found.append((key, x, Group(ref.kind, [ref], key[2], reads_memory, axis)))
         else:
             group.members.append(ref)
     skipped = [name for name in modules if name not in order]

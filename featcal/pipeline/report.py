@@ -34,6 +34,9 @@ class BlockReport:
     drift_merged_per_task: dict[str, float] = field(default_factory=dict)
     drift_calibrated_per_task: dict[str, float] = field(default_factory=dict)
     steps: list[StepReport] = field(default_factory=list)
+    # Routed MoE experts that kept their merged weights (fewer tokens than min_expert_tokens):
+    # module name -> the calibration tokens routed to it, over all tasks.
+    low_coverage_experts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> BlockReport:
@@ -95,6 +98,15 @@ class CalibrationReport:
             lines.append(
                 f"sequential statistics by {sequential}: {steps} steps per block, "
                 f"{later:.1f} s in the steps after each block's first"
+            )
+        low = [(b, name, n) for b in self.blocks for name, n in b.low_coverage_experts.items()]
+        if low:
+            shown = ", ".join(f"block {b.index} {name} ({n})" for b, name, n in low[:4])
+            more = f" and {len(low) - 4} more" if len(low) > 4 else ""
+            minimum = self.config.get("min_expert_tokens")
+            lines.append(
+                f"{len(low)} routed expert maps kept their merged weights, reached by fewer than "
+                f"{minimum} tokens: {shown}{more}"
             )
         if self.resumed_from is not None:
             r = self.resumed_from

@@ -52,6 +52,7 @@ class LinearSystem(TensorState):
     R: list[Tensor]  # per member (d_out,) sum_t s_t (b_t + W_t mu_t)
     V: Tensor  # (d,) sum_t s_t mu_s
     s: Tensor  # () sum_t s_t
+    tokens: Tensor  # () sum_t of the token weights (a routed expert's: of the tokens routed to it)
 
     def collective_tensors(self, panels: int = 8) -> list[Tensor]:
         """What a sum over processes must carry: A's lower triangle, as `panels` bands of rows
@@ -60,7 +61,7 @@ class LinearSystem(TensorState):
         d = self.A.shape[0]
         bounds = [d * k // panels for k in range(panels + 1)]
         lower = [self.A[r0:r1, :r1] for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
-        return [*lower, *self.B, *self.R, self.V, self.s]
+        return [*lower, *self.B, *self.R, self.V, self.s, self.tokens]
 
 
 @dataclass
@@ -84,6 +85,8 @@ class BlockSystem(TensorState):
 
     groups: list[LinearSystem | NormSystem] = field(default_factory=list)
     tasks: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))  # folded
+    # Routed experts that `solve` left merged, with fewer tokens than the threshold: name -> tokens.
+    low_coverage: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, plan: BlockPlan, dtype: torch.dtype, device: torch.device) -> BlockSystem:
@@ -96,23 +99,31 @@ class BlockSystem(TensorState):
             if group.kind == LINEAR:
                 B = [zeros(d, m.d_out) for m in members]
                 R = [zeros(m.d_out) for m in members]
-                groups.append(LinearSystem(group, zeros(d, d), B, R, zeros(d), zeros()))
+                groups.append(LinearSystem(group, zeros(d, d), B, R, zeros(d), zeros(), zeros()))
             else:
                 r1, r2 = [zeros(d) for _ in members], [zeros(d) for _ in members]
                 groups.append(NormSystem(group, zeros(d), zeros(d), r1, r2))
         return cls(groups, torch.zeros((), dtype=torch.int64, device=device))
 
+    def count_tokens(self, weights: Sequence[Tensor]) -> None:
+        """Add one task's token weight per group (its sums' `weight`) to the linear systems."""
+        for system, weight in zip(self.groups, weights):
+            if isinstance(system, LinearSystem):
+                system.tokens += weight
+
     def fold(
         self,
-        moments: Sequence[LinearMoments | NormMoments],
+        moments: Sequence[LinearMoments | NormMoments | None],
         expert: dict[str, ModuleRef],
         eps: float,
         where: Location | None = None,
     ) -> None:
         """Fold one task's statistics, with that task's expert parameters (`where`: the task and
-        block, for messages)."""
+        block, for messages); None: a routed expert the task's tokens never reach."""
         self.tasks += 1
         for system, mom in zip(self.groups, moments):
+            if mom is None:
+                continue
             like = system.A if isinstance(system, LinearSystem) else system.energy
             dtype, device = like.dtype, like.device
             members = mom.group.members
@@ -159,9 +170,13 @@ class BlockSystem(TensorState):
         lam, eps = config.ridge, config.covariance_eps
         updates: list[Update] = []
         tasks = int(self.tasks)
-        for i in range(len(self.groups)) if groups is None else groups:
+        indices = range(len(self.groups)) if groups is None else groups
+        self.low_coverage = self._low_coverage(indices, config.min_expert_tokens)
+        for i in indices:
             system = self.groups[i]
             group_anchors = [anchors[name] for name in system.group.names]
+            if system.group.leader.name in self.low_coverage:
+                continue
             if isinstance(system, LinearSystem):
                 names = system.group.names
                 at = f"module(s) {names}" if where is None else f"{where}, module(s) {names}"
@@ -169,6 +184,17 @@ class BlockSystem(TensorState):
             elif config.calibrate_layernorm:
                 updates += _solve_norm(system, group_anchors, lam, eps, tasks)
         return updates
+
+    def _low_coverage(self, indices: Sequence[int], minimum: int) -> dict[str, int]:
+        """The routed experts among `indices` whose tokens (over all tasks) are fewer than
+        `minimum`: name -> tokens (one host sync)."""
+        routed = [self.groups[i] for i in indices if self.groups[i].group.leader.routed]
+        if not routed:
+            return {}
+        tokens = torch.stack([system.tokens for system in routed]).tolist()
+        return {
+            system.group.leader.name: round(n) for system, n in zip(routed, tokens) if n < minimum
+        }
 
 
 def anchors_of(

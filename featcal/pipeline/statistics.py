@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .. import ops
 from ..errors import FeatCalError, Location, NonFiniteError
-from ..models.modules import LINEAR, ModuleRef
+from ..models.modules import EXPERT_PARAMETERS, LINEAR, ModuleRef
 from .plan import BlockPlan, Group, choose_method
 from .tensor_state import TensorState
 
@@ -95,7 +96,8 @@ class TaskSums(TensorState):
             d = group.d_in
             if group.kind != LINEAR:
                 groups.append(NormSums(group, zeros(), zeros(d), zeros(d)))
-            elif choose_method(group, tokens, alpha, cross_method) == "cross":
+            elif group.leader.routed or choose_method(group, tokens, alpha, cross_method) == "cross":
+                # (a routed expert's tokens are known only once routed: always 'cross')
                 groups.append(CrossSums(group, zeros(), zeros(d, d), zeros(d), zeros(d, d), zeros(d)))
             else:
                 rhs = [zeros(d, m.d_out) for m in group.members]
@@ -113,6 +115,12 @@ class TaskSums(TensorState):
             elif isinstance(sums, ProjectSums):
                 outputs.update(sums.group.names)
         return inputs, outputs
+
+
+def expert_hidden(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+    """act(gate) * up of routed expert e of fused experts on rows x: the input of its down_proj."""
+    gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
 
 
 class ExpertCache:
@@ -195,18 +203,91 @@ class Accumulator:
                 "forward pass that called them in the first batch"
             )
 
-    def accumulate(self, i: int, x: Tensor) -> None:
-        """Add the student input x (batch, tokens, d_in) of group i for the current batch."""
-        sums = self.sums.groups[i]
-        group = sums.group
+    def _mark(self, i: int) -> None:
         if i in self._seen:
             raise FeatCalError(
-                f"{self.where}: modules {group.names} were called twice "
+                f"{self.where}: modules {self.groups[i].names} were called twice "
                 "in one forward pass; FeatCal needs exactly one input per calibrated module"
             )
         self._seen.add(i)
+
+    def accumulate(self, i: int, x: Tensor) -> None:
+        """Add the student input x (batch, tokens, ..., d_in), or (batch * tokens, d_in), of group
+        i for the current batch. Rows of weight 0 (padding) are left out before any product, so
+        whatever a model leaves in them (even NaN) cannot reach the sums."""
+        self._mark(i)
+        group = self.sums.groups[i].group
+        w, rows = self._token_weights(group, x)
+        xe = None
+        if isinstance(self.sums.groups[i], CrossSums):
+            xe = self._rows(self._expert_input(group.leader.name, x), rows)
+        ys = None
+        if isinstance(self.sums.groups[i], ProjectSums):
+            ys = [self._rows(self._cache.outputs[m.name], rows) for m in group.members]
+        self._add(i, self._rows(x, rows), w, xe, ys)
+
+    def accumulate_routed(self, indices: list[int], x: Tensor, routes: Tensor) -> None:
+        """Add the routed experts' groups `indices` of one fused experts module, whose student
+        input is x (batch * tokens, d) and routing (batch * tokens, top_k) expert indices (the
+        merged model's). Expert e's maps see the rows routed to e: gate_up_proj[e] reads them,
+        down_proj[e] act(gate) * up of them; the teacher's are the same rows of the expert
+        model's own input, through its own expert e. Rows are grouped by expert in one sort;
+        padding rows are routed nowhere."""
+        for i in indices:
+            self._mark(i)
+        refs = {i: self.groups[i].leader for i in indices}
+        first = refs[indices[0]]
+        experts = getattr(first.module, EXPERT_PARAMETERS[0]).shape[0]
+        w_all, kept = self._token_weights(self.groups[indices[0]], x)
+        if kept is not None:
+            dropped = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            dropped[kept] = False
+            routes = routes.masked_fill(dropped[:, None], experts)
+            w_all = torch.zeros(x.shape[0], dtype=w_all.dtype, device=x.device).index_copy_(0, kept, w_all)
+        flat = routes.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp_max(experts), minlength=experts + 1)[:experts].tolist()
+        rows_of = torch.split(order[: sum(counts)] // routes.shape[-1], counts)
+        xe = self._expert_input(first.name, x)
+        by_slot: dict[int, dict[str, int]] = {}
+        for i, ref in refs.items():
+            by_slot.setdefault(ref.slot, {})[ref.parameter] = i
+        for e, parts in by_slot.items():
+            rows = rows_of[e]
+            if rows.numel() == 0:
+                continue
+            xs, xt = x[rows], xe[rows]
+            w = None if w_all is None else w_all[rows]
+            if "gate_up_proj" in parts:
+                self._add(parts["gate_up_proj"], xs, w, xt)
+            if "down_proj" in parts:
+                i = parts["down_proj"]
+                teacher = self.expert[self.groups[i].leader.name].module
+                self._add(i, expert_hidden(first.module, e, xs), w, expert_hidden(teacher, e, xt))
+
+    def _expert_input(self, name: str, x: Tensor) -> Tensor:
+        xe = self._cache.inputs[name]
+        if xe.shape != x.shape:
+            raise FeatCalError(
+                f"{self.where}: module {name!r} reads an input of shape {tuple(x.shape)} in the "
+                f"merged model but {tuple(xe.shape)} in the expert"
+            )
+        return xe
+
+    @staticmethod
+    def _rows(x: Tensor, rows: Tensor | None) -> Tensor:
+        """x as (rows, features), only the given rows (None: all)."""
         x2 = x.reshape(-1, x.shape[-1])
-        w = self._token_weights(group, x)
+        return x2 if rows is None else x2.index_select(0, rows)
+
+    def _add(
+        self, i: int, x2: Tensor, w: Tensor | None, xe2: Tensor | None, ys: list[Tensor] | None = None
+    ) -> None:
+        """Add rows x2 (n, d_in) of group i's student input with token weights w (None: all 1);
+        xe2: the expert's input at the same rows ('cross' sums); ys: each member's expert output
+        there ('project' sums)."""
+        sums = self.sums.groups[i]
+        group = sums.group
         sums.weight += x2.shape[0] if w is None else w.sum()
         if isinstance(sums, NormSums):
             eps = group.leader.norm_eps()
@@ -214,19 +295,9 @@ class Accumulator:
             return
         ops.weighted_gram(x2, w, sums.gram, lower_only=True, out_sum=sums.student, precision=self.precision)
         if isinstance(sums, CrossSums):
-            xe = self._cache.inputs[group.leader.name]
-            if xe.shape != x.shape:
-                raise FeatCalError(
-                    f"{self.where}: module {group.leader.name!r} reads an "
-                    f"input of shape {tuple(x.shape)} in the merged model but {tuple(xe.shape)} in "
-                    "the expert"
-                )
-            xe2 = xe.reshape(-1, xe.shape[-1])
             ops.weighted_cross(x2, xe2, w, sums.cross, out_sum_y=sums.expert, precision=self.precision)
             return
-        for k, m in enumerate(group.members):
-            ye = self._cache.outputs[m.name]
-            y = ye.reshape(-1, ye.shape[-1])
+        for k, (m, y) in enumerate(zip(group.members, ys)):
             out_sum = sums.outputs[k]
             if sums.per_token:
                 W, _ = self.expert[m.name].params(self.dtype, self.device)
@@ -237,20 +308,45 @@ class Accumulator:
                 out_sum = None
             ops.weighted_cross(x2, y, w, sums.rhs[k], out_sum_y=out_sum, precision=self.precision)
 
-    def _token_weights(self, group: Group, x: Tensor) -> Tensor | None:
-        key = (group.focus, group.memory)
+    def _token_weights(self, group: Group, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(weights, rows): the weight of each row of x with nonzero weight, and those rows'
+        indices (None, None: every row weighs 1; rows None: every row is kept). Rows of x are
+        its (batch, tokens) positions, flattened for an input of batch * tokens rows and
+        repeated over the heads of a 4-D input (tokens on group.token_axis)."""
+        key = (group.focus, group.memory, group.token_axis, tuple(x.shape[:-1]))
         if key not in self._weights:
             w = self._memory_mask if group.memory else self._mask
-            if w is not None and tuple(w.shape) != tuple(x.shape[:2]):
-                raise FeatCalError(
-                    f"{self.where}: modules {group.names} read "
-                    f"{x.shape[1]} tokens per example but their token weights cover {w.shape[1]}"
-                )
-            if group.focus is not None and x.shape[1] > 1:
-                f = torch.ones(x.shape[:2], dtype=self.dtype, device=x.device)
-                f[:, 1:] = group.focus
-                w = f if w is None else w * f
-            self._weights[key] = None if w is None else w.reshape(-1)
+            if x.dim() == 2:
+                shape = None if w is None else tuple(w.shape)
+                if w is not None and w.numel() != x.shape[0]:
+                    raise FeatCalError(
+                        f"{self.where}: modules {group.names} read {x.shape[0]} rows but their "
+                        f"token weights cover {shape[0]} x {shape[1]} tokens"
+                    )
+            else:
+                axis = group.token_axis if x.dim() > 3 else 1
+                tokens = (x.shape[0], x.shape[axis])
+                if w is not None and tuple(w.shape) != tokens:
+                    raise FeatCalError(
+                        f"{self.where}: modules {group.names} read "
+                        f"{tokens[1]} tokens per example but their token weights cover {w.shape[1]}"
+                    )
+                if group.focus is not None and tokens[1] > 1:
+                    f = torch.ones(tokens, dtype=self.dtype, device=x.device)
+                    f[:, 1:] = group.focus
+                    w = f if w is None else w * f
+                if w is not None and x.dim() > 3:
+                    view = [x.shape[0]] + [1] * (x.dim() - 2)
+                    view[axis] = tokens[1]
+                    w = w.reshape(view).expand(x.shape[:-1])
+            rows = None
+            if w is not None:
+                w = w.reshape(-1)
+                keep = w != 0
+                if not bool(keep.all()):
+                    rows = keep.nonzero().squeeze(1)
+                    w = w.index_select(0, rows)
+            self._weights[key] = w, rows
         return self._weights[key]
 
 
@@ -290,15 +386,19 @@ Moments = LinearMoments | CrossMoments | NormMoments
 
 def normalise(
     sums: TaskSums, expert: dict[str, ModuleRef], *, alpha: float, where: Location
-) -> list[Moments]:
+) -> list[Moments | None]:
     """A task's reduced sums as weighted means, checked for NaN and Inf (s.4): CrossMoments for
-    'cross' groups, LinearMoments for 'project' groups, NormMoments for norms. Consumes `sums`
-    (its tensors are reused for the results). The checks of all groups are read back in one host
-    sync, at the end."""
-    out: list[Moments] = []
+    'cross' groups, LinearMoments for 'project' groups, NormMoments for norms, None for a routed
+    expert the task's tokens never reach. Consumes `sums` (its tensors are reused for the
+    results). The checks of all groups are read back in one host sync, at the end."""
+    out: list[Moments | None] = []
     checks = _Checks()
+    unreached = _unreached_experts(sums)
     for s in sums.groups:
         group, total = s.group, s.weight
+        if id(s) in unreached:
+            out.append(None)
+            continue
         checks.add(
             total > 0,
             FeatCalError(
@@ -341,7 +441,16 @@ def normalise(
     return out
 
 
-def project(moments: Moments, expert: dict[str, ModuleRef]) -> LinearMoments | NormMoments:
+def _unreached_experts(sums: TaskSums) -> set[int]:
+    """The routed groups of `sums` with no token weight (one host sync when there are any)."""
+    routed = [s for s in sums.groups if s.group.leader.routed]
+    if not routed:
+        return set()
+    totals = torch.stack([s.weight for s in routed]).tolist()
+    return {id(s) for s, total in zip(routed, totals) if total <= 0}
+
+
+def project(moments: Moments | None, expert: dict[str, ModuleRef]) -> LinearMoments | NormMoments | None:
     """CrossMoments as the solver takes them: per member C_t W^T and W mu_t; others as they are."""
     if not isinstance(moments, CrossMoments):
         return moments

@@ -1,0 +1,206 @@
+"""Qwen3, Phi-3, Gemma 2/3 and the MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+Each is calibrated in float64 against the independent implementation of docs/algorithm.md
+(reference_impl); padding must not change the result; a run streamed from sharded checkpoints
+equals the in-memory one. MoE: unreached experts keep their merged weights and are reported,
+and block l + 1 is calibrated on the routing of the calibrated block l.
+"""
+
+import copy
+
+import pytest
+import torch
+from reference_impl import reference_calibrate
+from tiny_models import (
+    _DECODER,
+    GEMMA2,
+    GEMMA3,
+    MIXTRAL,
+    NEW_FAMILIES,
+    QWEN2_MOE,
+    QWEN3,
+    T5,
+    _decoder_family,
+    _seeded,
+    _text_batch,
+    save_checkpoints,
+    setup,
+)
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from featcal import FeatCalConfig, calibrate
+
+QUIET = FeatCalConfig(progress=False)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _matches_reference(family, cfg=QUIET, sequential="off", setup_args=None):
+    base, experts, merged, data = setup(family, **(setup_args or {}))
+    ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)
+    _, report = calibrate(ours, base=base, experts=experts, data=data, config=cfg)
+    low = reference_calibrate(family, ref, base, experts, data, cfg, sequential=sequential)
+    moved = 0.0
+    for (name, mine), theirs, before in zip(
+        ours.state_dict().items(), ref.state_dict().values(), merged.state_dict().values()
+    ):
+        assert _relative(mine, theirs) < 1e-6, name
+        moved = max(moved, _relative(mine, before))
+    assert moved > 1e-3
+    return report, low, merged, ours
+
+
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, T5], ids=lambda f: f.name)
+def test_family_matches_reference_block_by_block(family):
+    report, low, _, _ = _matches_reference(family)
+    assert all(b.drift_calibrated < b.drift_merged for b in report.blocks)
+    assert not low and not any(b.low_coverage_experts for b in report.blocks)
+
+
+@pytest.mark.parametrize("family", [GEMMA2, QWEN3], ids=lambda f: f.name)
+def test_sublayer_steps_match_reference(family):
+    """Gemma's post-attention norm closes the attention; Qwen3's head norms stay inside it."""
+    cfg = FeatCalConfig(progress=False, sequential="sublayer")
+    family = copy.copy(family)
+    if family is not GEMMA2 and not family.sublayers:
+        family.sublayers = ("input_layernorm", "post_attention_layernorm")
+    report, _, _, _ = _matches_reference(family, cfg, sequential="sublayer")
+    assert [len(b.steps) for b in report.blocks] == [2] * len(report.blocks)
+
+
+def test_qwen2_sliding_window_layers_are_replayed_with_their_own_mask():
+    """Layer 0 full attention, layer 1 a window of 3 (once refused, now supported)."""
+    family = _decoder_family("qwen2-sliding", Qwen2ForCausalLM, Qwen2Config)
+    family.build = _seeded(
+        lambda: Qwen2ForCausalLM(
+            Qwen2Config(**_DECODER, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+        )
+    )
+    assert family.build(0).config.layer_types == ["full_attention", "sliding_attention"]
+    _matches_reference(family)
+
+
+@pytest.mark.parametrize("family", [GEMMA3], ids=lambda f: f.name)
+def test_a_block_replayed_with_block_0s_arguments_would_differ(family):
+    """The test above is not vacuous: the sliding and the full layers' arguments differ."""
+    from featcal.models.adapters import find_adapter
+    from featcal.models.capture import capture_first_block_inputs
+
+    model = family.build(0).double()
+    batch = family.make_batch(torch.Generator().manual_seed(0), 2)
+    _, ctx = capture_first_block_inputs(find_adapter(model), model, batch, torch.device("cpu"))
+    assert ctx.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    full, sliding = ctx.for_block(1), ctx.for_block(2)
+    assert sliding is ctx
+    masks = full.kwargs["attention_mask"], ctx.kwargs["attention_mask"]
+    assert masks[1] is not None and (masks[0] is None or not torch.equal(*masks))
+    assert not torch.equal(full.kwargs["position_embeddings"][0], ctx.kwargs["position_embeddings"][0])
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES, ids=lambda f: f.name)
+def test_extra_padding_leaves_result_unchanged(family):
+    """float32: HF's float64 eager attention turns fully masked rows into NaN."""
+    base, experts, merged, _ = setup(family, tasks=2, dtype=torch.float32)
+    tight, padded = {}, {}
+    for k, t in enumerate(experts):
+        tight[t] = [_text_batch(torch.Generator().manual_seed(10 * k + b), 4, shortest=10) for b in range(2)]
+        padded[t] = [
+            _text_batch(torch.Generator().manual_seed(10 * k + b), 4, shortest=10, pad_to=14)
+            for b in range(2)
+        ]
+    a, b = copy.deepcopy(merged), copy.deepcopy(merged)
+    calibrate(a, base=base, experts=experts, data=tight, config=QUIET)
+    calibrate(b, base=base, experts=experts, data=padded, config=QUIET)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert _relative(pb, pa) < 1e-5, name
+    assert max(_relative(pa, pm) for pa, pm in zip(a.parameters(), merged.parameters())) > 1e-3
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES, ids=lambda f: f.name)
+def test_streamed_from_sharded_checkpoints_equals_in_memory(family, tmp_path):
+    base, experts, merged, data = setup(family, dtype=torch.float32)
+    for model in (base, merged, *experts.values()):
+        model.config._experts_implementation = "grouped_mm"  # what a skeleton built from config.json gets
+    in_memory = copy.deepcopy(merged)
+    _, mem_report = calibrate(in_memory, base=base, experts=experts, data=data, config=QUIET)
+    base_dir, expert_dirs, merged_dir = save_checkpoints(tmp_path, base, experts, merged)
+    assert len(list(merged_dir.glob("model-*.safetensors"))) > 1
+    out = tmp_path / "out"
+    _, report = calibrate(merged_dir, base=base_dir, experts=expert_dirs, data=data, config=QUIET, out=out)
+    loaded = type(merged).from_pretrained(out)
+    # Qwen2-MoE's attention biases differ in the last float32 bit or so (about 1e-7 relative);
+    # its weights, and every other family's tensors, are equal bit for bit.
+    tolerance = 1e-6 if family is QWEN2_MOE else 0.0
+    for (name, want), got in zip(in_memory.state_dict().items(), loaded.state_dict().values()):
+        assert _relative(got, want) <= tolerance, name
+    for a, b in zip(mem_report.blocks, report.blocks):
+        assert a.drift_calibrated == pytest.approx(b.drift_calibrated, rel=tolerance, abs=0)
+
+
+def _route_to_two_experts(model) -> None:
+    """Router rows [w, -w, 0, 0] with top-1 routing: experts 2 and 3 are never chosen."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = layer.mlp.gate
+            gate.weight[1] = -gate.weight[0]
+            gate.weight[2:] = 0
+            gate.top_k = 1
+    model.config.num_experts_per_tok = 1
+
+
+def test_unreached_experts_keep_their_merged_weights_and_are_reported():
+    base, experts, merged, data = setup(MIXTRAL)
+    for model in (merged, base, *experts.values()):
+        _route_to_two_experts(model)
+    ours, ref = copy.deepcopy(merged), copy.deepcopy(merged)
+    _, report = calibrate(ours, base=base, experts=experts, data=data, config=QUIET)
+    low = reference_calibrate(MIXTRAL, ref, base, experts, data, QUIET)
+    for block in report.blocks:
+        assert block.low_coverage_experts == {
+            f"mlp.experts.{p}[{e}]": 0 for p in ("gate_up_proj", "down_proj") for e in (2, 3)
+        }
+    assert sorted(low) == sorted(
+        (0, layer, f"mlp.experts.{p}[{e}]")
+        for layer in range(2)
+        for p in ("gate_up_proj", "down_proj")
+        for e in (2, 3)
+    )
+    for after, before, want in zip(ours.model.layers, merged.model.layers, ref.model.layers):
+        for p in ("gate_up_proj", "down_proj"):
+            mine, given = getattr(after.mlp.experts, p), getattr(before.mlp.experts, p)
+            assert torch.equal(mine[2:], given[2:])
+            assert _relative(mine[:2], given[:2]) > 1e-3
+            assert _relative(mine, getattr(want.mlp.experts, p)) < 1e-6
+    assert "routed expert maps kept their merged weights" in report.summary()
+
+
+def test_few_tokens_threshold_counts_tokens_over_tasks():
+    base, experts, merged, data = setup(MIXTRAL)
+    cfg = FeatCalConfig(progress=False, min_expert_tokens=10**6)
+    ours = copy.deepcopy(merged)
+    _, report = calibrate(ours, base=base, experts=experts, data=data, config=cfg)
+    counts = report.blocks[0].low_coverage_experts
+    assert len(counts) == 8 and all(n > 0 for n in counts.values())
+    tokens = sum(int(b["attention_mask"].sum()) for batches in data.values() for b in batches)
+    # top-2 routing: every token reaches two experts, so gate_up counts add up to twice the tokens
+    assert sum(n for name, n in counts.items() if "gate_up" in name) == 2 * tokens
+    for after, before in zip(ours.model.layers, merged.model.layers):
+        assert torch.equal(after.mlp.experts.gate_up_proj, before.mlp.experts.gate_up_proj)
+
+
+@pytest.mark.parametrize("family", [MIXTRAL], ids=lambda f: f.name)
+def test_later_blocks_see_the_calibrated_routers_routing(family):
+    """Calibrating block 0's router changes where its tokens go; block 1's statistics are taken
+    on that calibrated block's output (and match the reference, which does the same)."""
+    _, _, merged, ours = _matches_reference(family)
+    batch = setup(family)[3]["task0"][0]
+    routes = []
+    for model in (merged, ours):
+        experts = model.model.layers[0].mlp.experts
+        handle = experts.register_forward_pre_hook(lambda m, a: routes.append(a[1].sort(-1).values))
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+        handle.remove()
+    assert not torch.equal(routes[0], routes[1])
