@@ -119,8 +119,8 @@ class FeatCalConfig:
     @staticmethod
     def upgrade(settings: dict) -> dict:
         """Settings written by an earlier featcal in today's names (allow_tf32 became
-        float32_precision; min_expert_tokens came later, at its default)."""
-        settings = {"min_expert_tokens": FeatCalConfig.min_expert_tokens, **settings}
+        float32_precision)."""
+        settings = dict(settings)
         if "allow_tf32" in settings:
             settings["float32_precision"] = "tf32" if settings.pop("allow_tf32") else "ieee"
         return settings

@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from tiny_models import CLIP_VISION, LLAMA, T5, save_checkpoints, setup
+from tiny_models import CLIP_VISION, LLAMA, MIXTRAL, T5, save_checkpoints, setup
 
 from featcal import FeatCalConfig, FeatCalError, calibrate
 
 BATCHES = (1, 3, 2)  # per task: unequal, so that a task is split over processes
-FAMILIES = {"clip": CLIP_VISION, "llama": LLAMA, "t5": T5}
+FAMILIES = {"clip": CLIP_VISION, "llama": LLAMA, "t5": T5, "mixtral": MIXTRAL}
 
 
 def _inputs(family, dtype, batches=BATCHES):
@@ -56,6 +56,11 @@ def _result(family, model, report) -> dict[str, torch.Tensor]:
     out["drift"] = torch.tensor(
         [(b.drift_merged, b.drift_calibrated) for b in report.blocks], dtype=torch.float64
     )
+    low = [(b.index, name, n) for b in report.blocks for name, n in sorted(b.low_coverage_experts.items())]
+    if low:  # routed experts left merged: (block, expert slot, part, tokens)
+        out["low_coverage"] = torch.tensor(
+            [(i, int(name[-2]), "down" in name, n) for i, name, n in low], dtype=torch.float64
+        )
     return out
 
 
@@ -187,6 +192,8 @@ CASES = {
     "clip32": in_memory("clip", torch.float32),
     "llama64": in_memory("llama", torch.float64),
     "t5_64": in_memory("t5", torch.float64),
+    # routed experts solved by different owners; some under the token threshold
+    "mixtral64": in_memory("mixtral", torch.float64, min_expert_tokens=90),
     "clip64_project": in_memory("clip", torch.float64, cross_method="project", calibrate_bias=False),
     "llama64_group": in_memory("llama", torch.float64, sequential="group"),
     "t5_64_sublayer": in_memory("t5", torch.float64, sequential="sublayer"),

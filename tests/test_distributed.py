@@ -30,6 +30,7 @@ ALL = [
     "clip32",
     "llama64",
     "t5_64",
+    "mixtral64",
     "clip64_project",
     "llama64_group",
     "t5_64_sublayer",

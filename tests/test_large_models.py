@@ -236,26 +236,6 @@ def test_missing_tensor_in_an_expert_checkpoint_is_named(tmp_path):
         calibrate(copy.deepcopy(merged), base=base, experts=experts, data=data, config=QUIET)
 
 
-def test_mixed_sliding_window_layers_are_refused():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=2,
-    )
-    model = Qwen2ForCausalLM(config)
-    data = {"t": [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]}
-    with pytest.raises(FeatCalError, match=r"mixes layer types \['full_attention', 'sliding_attention'\]"):
-        calibrate(model, base=model, experts={"t": model}, data=data, config=QUIET)
-
-
 def test_an_in_memory_front_moves_only_what_runs_before_the_first_block():
     """front() of an in-memory model puts the backbone outside the blocks on the device (here
     "meta", which any machine has) and leaves the blocks, then puts every tensor back."""

@@ -52,6 +52,7 @@ COMPILED = {"TRITON_INTERPRET": "0", "FEATCAL_REQUIRE_EXTENSION": "1"}
 EXTENSION = "from featcal import extension; assert extension.load(), extension.error()"
 KERNELS = "bench/test_statistics_kernels.py"
 LLAMA = ["--blocks", "2", "--experts", "2", "--sequences", "32", "--json", "{out}/llama3-8b-streamed.json"]
+MOE = ["--device", "cuda", "--dtype", "bfloat16", "--repeats", "2", "--json", "{out}/moe-block.json"]
 CLIP = ["--tasks", "8", "--images", "256", "--device", "cuda", "--json", "{out}/clip-b32-ta8.json"]
 STEPS = [
     Step("extension", [PY, "-c", EXTENSION], 90, 45),
@@ -62,6 +63,7 @@ STEPS = [
     Step("solves", _bench("solves", "bench/test_solves.py"), 30, 15, COMPILED),
     Step("clip-b32-ta8", [PY, "bench/e2e_clip_b32.py", *CLIP], 45, 25, COMPILED),
     Step("llama3-8b-block", [PY, "bench/e2e_llama8b_gpu.py", *LLAMA], 50, 35, COMPILED),
+    Step("moe-block", [PY, "bench/e2e_moe_block.py", *MOE], 60, 30, COMPILED),
 ]  # fmt: skip
 BUDGET = 540
 

@@ -99,9 +99,10 @@ def accept_any(model: nn.Module, role: str) -> None:
     return None
 
 
-def config_layer_types(model: nn.Module) -> Sequence[str] | None:
-    """The type of each block, from `config.layer_types` (sliding-window or full attention)."""
-    return getattr(getattr(model, "config", None), "layer_types", None)
+def config_layer_types(backbone: nn.Module) -> Sequence[str] | None:
+    """The type of each block, from the backbone's `config.layer_types` (sliding-window or full
+    attention; the backbone's, since a wrapper's config may hold the text model's as a part)."""
+    return getattr(getattr(backbone, "config", None), "layer_types", None)
 
 
 def tokens_on_axis_1(module_name: str) -> int:
@@ -156,7 +157,7 @@ class ModelAdapter:
         None); the default recognises Linear, Conv1D, LayerNorm and norms by their formula.
     hidden_argument: the keyword of the hidden states when a block gets them by keyword.
     check_model: (model, role) -> None, or an error for a layout featcal cannot calibrate.
-    layer_types: model -> the type of each block (default `config.layer_types`); blocks of each
+    layer_types: backbone -> the type of each block (default `config.layer_types`); blocks of each
         type are replayed with the arguments the model passes to its first block of that type.
     token_axis: module name -> the axis of its input that indexes tokens, for inputs of more than
         three dimensions (heads: Qwen3's q_norm reads (batch, tokens, heads, head_dim), axis 1;

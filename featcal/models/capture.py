@@ -149,7 +149,7 @@ def capture_first_block_inputs(
     return the first block's hidden states and the context of every block."""
     backbone = adapter.backbone(model)
     blocks = adapter.blocks(backbone)
-    types = _layer_types(adapter, model, len(blocks))
+    types = _layer_types(adapter, backbone, len(blocks))
     firsts = {kind: types.index(kind) for kind in types} if types else {None: 0}
     last = max(firsts.values())
     captured: dict[int, tuple[tuple, dict]] = {}
@@ -191,14 +191,14 @@ def capture_first_block_inputs(
     return hidden.detach(), BlockContext(args, kwargs, keyword, types if by_type else (), by_type)
 
 
-def _layer_types(adapter: ModelAdapter, model: nn.Module, count: int) -> tuple[str, ...]:
+def _layer_types(adapter: ModelAdapter, backbone: nn.Module, count: int) -> tuple[str, ...]:
     """The type of each block when the model has several (else ()), checked against the blocks."""
-    types = tuple(adapter.layer_types(model) or ())
+    types = tuple(adapter.layer_types(backbone) or ())
     if len(set(types)) < 2:
         return ()
     if len(types) != count:
         raise FeatCalError(
-            f"{type(model).__name__} names {len(types)} layer types (config.layer_types) for "
+            f"{type(backbone).__name__} names {len(types)} layer types (config.layer_types) for "
             f"{count} blocks"
         )
     return types

@@ -189,7 +189,13 @@ class LazyModel:
             put_slot(owner, kind, leaf, real[id(tensor)])
 
     def _cast(self, t: Tensor) -> Tensor:
-        return t.to(self.dtype) if t.is_floating_point() else t
+        t = t.to(self.dtype) if t.is_floating_point() else t
+        # A view into a memory-mapped shard may sit at any offset; CPU BLAS results depend on the
+        # operands' alignment, so such a view is copied to an allocation of torch's (64 bytes):
+        # a streamed run then computes exactly what an in-memory run does.
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            t = t.clone()
+        return t
 
     def block(self, block: nn.Module, device: torch.device) -> nn.Module:
         """A real copy of a skeleton block, its tensors read from the checkpoint onto `device`."""
