@@ -192,9 +192,7 @@ class BlockSystem(TensorState):
         if not routed:
             return {}
         tokens = torch.stack([system.tokens for system in routed]).tolist()
-        return {
-            system.group.leader.name: round(n) for system, n in zip(routed, tokens) if n < minimum
-        }
+        return {system.group.leader.name: round(n) for system, n in zip(routed, tokens) if n < minimum}
 
 
 def anchors_of(
