@@ -62,11 +62,18 @@ def _hyperparameter_options(parser: argparse.ArgumentParser) -> None:
         help="re-take each sub-layer's (or each module group's) statistics after the ones before "
         "it in the block are solved (off: one pass, as published)",
     )
+    parser.add_argument(
+        "--min-expert-tokens",
+        type=int,
+        default=defaults.min_expert_tokens,
+        help=f"MoE: a routed expert reached by fewer calibration tokens keeps its merged weights "
+        f"(default {defaults.min_expert_tokens})",
+    )
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict:
     names = ("lambda_ratio", "anchor_blend_rho", "teacher_interp_alpha", "covariance_eps")
-    names += ("calibrate_bias", "calibrate_layernorm", "cross_method", "sequential")
+    names += ("calibrate_bias", "calibrate_layernorm", "cross_method", "sequential", "min_expert_tokens")
     return {name: getattr(args, name) for name in names}
 
 

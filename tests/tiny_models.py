@@ -436,6 +436,8 @@ def make_data(family: Family, tasks, batches: int = 2, size: int = 4, seed: int 
 def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 0.3):
     """(base, experts, merged, data) for a family, in `dtype`; merged by Task Arithmetic."""
     base = family.build(0).to(dtype)
+    if dtype != torch.float64:  # MoE: transformers' default experts, as a skeleton from config.json gets
+        base.config._experts_implementation = "grouped_mm"
     experts = make_experts(base, tasks)
     merged = copy.deepcopy(base)
     with torch.no_grad():
@@ -443,6 +445,11 @@ def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 
             delta = sum(dict(e.named_parameters())[name] - p for e in experts.values())
             p.add_(scaling * delta)
     return base, experts, merged, make_data(family, list(experts))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def features(family: Family, model: nn.Module, batches) -> torch.Tensor:
