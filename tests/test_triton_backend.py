@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, STACK_ADAPTER, TOY_KINDS, features, registered, setup
+from tiny_models import CLIP_VISION, MIXTRAL, QWEN3, STACK_ADAPTER, TOY_KINDS, features, registered, setup
 
 from featcal import FeatCalConfig, calibrate, ops
 from featcal.errors import FeatCalError
@@ -122,4 +122,11 @@ def test_calibrate_rmsnorm_and_conv1d_with_triton_equals_torch(triton_backend, m
 
 def test_sequential_statistics_with_triton_equal_torch(triton_backend, monkeypatch):
     used = _calibrate_both(CLIP_VISION, monkeypatch, sequential="group")
+    assert {"weighted_gram", "weighted_cross", "norm_moments"} <= used
+
+
+@pytest.mark.parametrize("family", [QWEN3, MIXTRAL], ids=lambda f: f.name)
+def test_head_norms_and_routed_experts_with_triton_equal_torch(triton_backend, monkeypatch, family):
+    """Per-head norm rows (weights repeated over heads) and routed experts' gathered rows."""
+    used = _calibrate_both(family, monkeypatch)
     assert {"weighted_gram", "weighted_cross", "norm_moments"} <= used

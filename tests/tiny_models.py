@@ -21,6 +21,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -303,6 +305,7 @@ def _short_padding_batch(gen: torch.Generator, size: int, **kwargs) -> dict:
 
 QWEN3 = _modern_family("qwen3", Qwen3ForCausalLM, Qwen3Config, **_HEADS)
 PHI3 = _modern_family("phi3", Phi3ForCausalLM, Phi3Config, bos_token_id=2, eos_token_id=2)
+GEMMA = _modern_family("gemma", GemmaForCausalLM, GemmaConfig, **_HEADS)
 GEMMA2 = _modern_family(
     "gemma2", Gemma2ForCausalLM, Gemma2Config, batch=_short_padding_batch, **_HEADS, **_LAYER_TYPES
 )
@@ -335,7 +338,7 @@ OLMOE = _modern_family(
     "olmoe", OlmoeForCausalLM, OlmoeConfig, num_experts=4, bos_token_id=2, eos_token_id=2, **_MOE
 )
 MOE_FAMILIES = [MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE]
-NEW_FAMILIES = [QWEN3, PHI3, GEMMA2, GEMMA3, *MOE_FAMILIES]
+NEW_FAMILIES = [QWEN3, PHI3, GEMMA, GEMMA2, GEMMA3, *MOE_FAMILIES]
 
 
 class ToyBlock(nn.Module):
@@ -436,8 +439,9 @@ def make_data(family: Family, tasks, batches: int = 2, size: int = 4, seed: int 
 def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 0.3):
     """(base, experts, merged, data) for a family, in `dtype`; merged by Task Arithmetic."""
     base = family.build(0).to(dtype)
-    if dtype != torch.float64:  # MoE: transformers' default experts, as a skeleton from config.json gets
-        base.config._experts_implementation = "grouped_mm"
+    config = getattr(base, "config", None)
+    if dtype != torch.float64 and config is not None:  # MoE: transformers' default experts (float64: eager)
+        config._experts_implementation = "grouped_mm"
     experts = make_experts(base, tasks)
     merged = copy.deepcopy(base)
     with torch.no_grad():
