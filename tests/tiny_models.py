@@ -314,6 +314,7 @@ GEMMA3 = _modern_family(
 )
 GEMMA3.token_axis = lambda name: 2 if name.endswith(("q_norm", "k_norm")) else 1
 GEMMA2.sublayers = GEMMA3.sublayers = ("input_layernorm", "pre_feedforward_layernorm")
+QWEN3.sublayers = ("input_layernorm", "post_attention_layernorm")
 MIXTRAL = _modern_family("mixtral", MixtralForCausalLM, MixtralConfig, num_local_experts=4, **_MOE)
 QWEN2_MOE = _modern_family(
     "qwen2-moe",
