@@ -15,6 +15,7 @@ import torch
 from reference_impl import reference_calibrate
 from tiny_models import (
     _DECODER,
+    GEMMA,
     GEMMA2,
     GEMMA3,
     GPT2,
@@ -62,9 +63,10 @@ def test_family_matches_reference_block_by_block(family):
     assert not low and not any(b.low_coverage_experts for b in report.blocks)
 
 
-@pytest.mark.parametrize("family", [GEMMA2, QWEN3], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [GEMMA, GEMMA2, QWEN3, MIXTRAL], ids=lambda f: f.name)
 def test_sublayer_steps_match_reference(family):
-    """Gemma's post-attention norm closes the attention; Qwen3's head norms stay inside it."""
+    """Gemma 2's post-attention norm closes the attention (Gemma 1's opens the MLP, as Llama's
+    does); Qwen3's head norms stay inside it; an MoE layer's router and experts are one step."""
     cfg = FeatCalConfig(progress=False, sequential="sublayer")
     report, _, _, _ = _matches_reference(family, cfg, sequential="sublayer")
     assert [len(b.steps) for b in report.blocks] == [2] * len(report.blocks)
@@ -84,7 +86,7 @@ def test_qwen2_sliding_window_layers_are_replayed_with_their_own_mask():
 
 @pytest.mark.parametrize("family", [GEMMA3], ids=lambda f: f.name)
 def test_a_block_replayed_with_block_0s_arguments_would_differ(family):
-    """The test above is not vacuous: the sliding and the full layers' arguments differ."""
+    """The layer-type tests are not vacuous: the sliding and the full layers' arguments differ."""
     from featcal.models.adapters import find_adapter
     from featcal.models.capture import capture_first_block_inputs
 
@@ -172,8 +174,9 @@ def test_few_tokens_threshold_counts_tokens_over_tasks():
 
 @pytest.mark.parametrize("family", [MIXTRAL], ids=lambda f: f.name)
 def test_later_blocks_see_the_calibrated_routers_routing(family):
-    """Calibrating block 0's router changes where its tokens go; block 1's statistics are taken
-    on that calibrated block's output (and match the reference, which does the same)."""
+    """Calibrating block 0's router changes where its tokens go, and the run still matches the
+    reference, which takes block 1's statistics on the calibrated block 0's output (routed by
+    its calibrated router): so featcal's block 1 sees that routing too."""
     _, _, merged, ours = _matches_reference(family)
     batch = setup(family)[3]["task0"][0]
     routes = []
@@ -237,3 +240,54 @@ def test_the_cli_reports_the_experts_it_left_merged(tmp_path, capsys):
     saved, given = LazyCheckpoint(tmp_path / "out"), LazyCheckpoint(merged_dir)
     key = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
     assert torch.equal(saved.read([key])[key], given.read([key])[key])
+
+
+def test_a_checkpoint_with_fused_experts_streams_too(tmp_path):
+    """transformers 5 can also save experts fused (save_original_format=False): read and written
+    as they are."""
+    base, experts, merged, data = setup(MIXTRAL, tasks=2, dtype=torch.float32)
+    in_memory = copy.deepcopy(merged)
+    calibrate(in_memory, base=base, experts=experts, data=data, config=QUIET)
+    dirs = {}
+    for name, model in (("base", base), ("merged", merged), *experts.items()):
+        model.save_pretrained(tmp_path / name, max_shard_size="30KB", save_original_format=False)
+        dirs[name] = tmp_path / name
+    assert "model.layers.0.mlp.experts.gate_up_proj" in LazyCheckpoint(dirs["merged"]).keys()
+    out = tmp_path / "out"
+    experts_dirs = {t: dirs[t] for t in experts}
+    calibrate(dirs["merged"], base=dirs["base"], experts=experts_dirs, data=data, config=QUIET, out=out)
+    written = LazyCheckpoint(out)
+    for name, want in in_memory.state_dict().items():
+        if name in written.keys():
+            assert torch.equal(written.read([name])[name], want), name
+    assert "model.layers.1.mlp.experts.down_proj" in written.keys()
+
+
+def test_an_expert_missing_from_a_per_expert_checkpoint_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, experts, merged, data = setup(MIXTRAL, tasks=1, dtype=torch.float32)
+    merged.save_pretrained(tmp_path / "merged")
+    shard = tmp_path / "merged" / "model.safetensors"
+    tensors = load_file(shard)
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(FeatCalError, match=r"no tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
+        calibrate(
+            tmp_path / "merged", base=base, experts=experts, data=data, config=QUIET, out=tmp_path / "o"
+        )
+
+
+def test_the_memory_plan_counts_a_routed_expert_on_its_share_of_the_tokens():
+    from featcal.models.modules import calibrated_modules, routed_fraction
+    from featcal.pipeline.memory_plan import estimate
+
+    model = MIXTRAL.build(0)
+    block = model.model.layers[0]
+    assert routed_fraction(block) == 2 / 4
+    plan = estimate([block], 0, torch.float32, torch.float32, [(1, 10, 32)], 0, 1, torch.device("cpu"))
+    refs = calibrated_modules(block).values()
+    dense = sum(r.d_out for r in refs if r.kind == "linear" and not r.routed)
+    routed = sum(r.d_out for r in refs if r.routed)
+    width = max(r.d_in for r in refs)
+    assert plan.activations == 10 * int(2 * (dense + routed / 2) + 4 * width) * 4

@@ -314,7 +314,7 @@ GEMMA3 = _modern_family(
 )
 GEMMA3.token_axis = lambda name: 2 if name.endswith(("q_norm", "k_norm")) else 1
 GEMMA2.sublayers = GEMMA3.sublayers = ("input_layernorm", "pre_feedforward_layernorm")
-QWEN3.sublayers = ("input_layernorm", "post_attention_layernorm")
+QWEN3.sublayers = GEMMA.sublayers = ("input_layernorm", "post_attention_layernorm")
 MIXTRAL = _modern_family("mixtral", MixtralForCausalLM, MixtralConfig, num_local_experts=4, **_MOE)
 QWEN2_MOE = _modern_family(
     "qwen2-moe",
@@ -339,6 +339,7 @@ OLMOE = _modern_family(
     "olmoe", OlmoeForCausalLM, OlmoeConfig, num_experts=4, bos_token_id=2, eos_token_id=2, **_MOE
 )
 MOE_FAMILIES = [MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE]
+MIXTRAL.sublayers = ("input_layernorm", "post_attention_layernorm")
 NEW_FAMILIES = [QWEN3, PHI3, GEMMA, GEMMA2, GEMMA3, *MOE_FAMILIES]
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import FeatCalError
 from .lazy_checkpoint import LazyCheckpoint
 
 _FUSED = re.compile(r"^(?P<block>.*)\.mlp\.experts\.(?P<part>gate_up_proj|down_proj)$")
@@ -70,6 +71,12 @@ class ExpertLayout:
                 keys = [f"{prefix}.{e}.{p}.weight" for p in parts for e in range(count)]
                 if count and all(k in self.checkpoint for k in keys):
                     return keys
+                if count:
+                    missing = next(k for k in keys if k not in self.checkpoint)
+                    raise FeatCalError(
+                        f"the checkpoint {self.checkpoint.path} holds {key!r} expert by expert but has no "
+                        f"tensor {missing!r}"
+                    )
         renamed = _MLP.match(key)
         if renamed and f"{renamed['block']}.block_sparse_moe.{renamed['rest']}" in self.checkpoint:
             return [f"{renamed['block']}.block_sparse_moe.{renamed['rest']}"]
@@ -78,10 +85,15 @@ class ExpertLayout:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.sources(key) is not None
 
+    def _stored_as_is(self, key: str) -> bool:
+        """Whether `key` is one tensor of the checkpoint (its own, or renamed), not a fusion."""
+        sources = self.sources(key)
+        return sources == [key] or not _FUSED.match(key)
+
     def shape(self, key: str) -> tuple[int, ...]:
         sources = self.sources(key)
         first = tuple(self.checkpoint.shape(sources[0]))
-        if sources == [key] or not _FUSED.match(key):
+        if self._stored_as_is(key):
             return first
         if key.endswith("gate_up_proj"):
             return (len(sources) // 2, 2 * first[0], first[1])
@@ -107,7 +119,7 @@ class ExpertLayout:
     def fuse(self, key: str, stored: Mapping[str, Tensor]) -> Tensor:
         """The tensor `key` from the checkpoint's tensors `stored` (holding its sources)."""
         sources = self.sources(key)
-        if len(sources) == 1 and not _FUSED.match(key):
+        if self._stored_as_is(key):
             return stored[sources[0]]
         if key.endswith("gate_up_proj"):
             half = len(sources) // 2
@@ -119,7 +131,7 @@ class ExpertLayout:
     def split(self, key: str, value: Tensor) -> dict[str, Tensor]:
         """The inverse of `fuse`: `value` of `key` under the checkpoint's own keys."""
         sources = self.sources(key)
-        if len(sources) == 1 and not _FUSED.match(key):
+        if self._stored_as_is(key):
             return {sources[0]: value}
         if key.endswith("gate_up_proj"):
             gate, up = value.chunk(2, dim=1)

@@ -78,7 +78,7 @@ class OutputCheckpoint:
         if any(value.dtype != checkpoint.dtype(key) for key, value in exact.items()):
             self.exact.write(stage, index, block)
         tensors = {
-            source: part.to(checkpoint.dtype(key))
+            source: part.to(checkpoint.dtype(source))
             for key, value in exact.items()
             for source, part in checkpoint.split(key, value).items()
         }

@@ -250,12 +250,16 @@ def _gemma_token_axis(module_name: str) -> int:
     return 2 if module_name.endswith(("q_norm", "k_norm")) else 1
 
 
-# Norms z * (1 + w); post-attention and post-feedforward norms read their sub-layer's output;
-# sliding-window and full-attention layers (and Gemma 3's two rotary embeddings) per layer type.
-GEMMA = replace(
+# Norms z * (1 + w), found by their formula; otherwise a Llama.
+GEMMA = replace(DECODER_LM, name="gemma", classes=("GemmaPreTrainedModel",))
+
+# Gemma 2 and 3: four norms, the post-attention and post-feedforward ones reading their
+# sub-layer's output; sliding-window and full-attention layers (and Gemma 3's two rotary
+# embeddings) per layer type.
+GEMMA2 = replace(
     DECODER_LM,
-    name="gemma",
-    classes=("GemmaPreTrainedModel", "Gemma2PreTrainedModel", "Gemma3ForCausalLM", "Gemma3TextModel"),
+    name="gemma2",
+    classes=("Gemma2PreTrainedModel", "Gemma3ForCausalLM", "Gemma3TextModel"),
     post_norm=lambda name: name.endswith(("post_attention_layernorm", "post_feedforward_layernorm")),
     token_axis=_gemma_token_axis,
 )
@@ -365,7 +369,8 @@ _DESCRIPTIONS = {
     "llama": "Llama, Mistral and Qwen2 decoder-only models (...Model, ...ForCausalLM, ...)",
     "qwen3": "Qwen3 (Qwen3Model, Qwen3ForCausalLM, ...)",
     "phi3": "Phi-3 (Phi3Model, Phi3ForCausalLM, ...)",
-    "gemma": "Gemma, Gemma 2, Gemma 3 text models (Gemma3ForCausalLM, Gemma3TextModel)",
+    "gemma": "Gemma (GemmaModel, GemmaForCausalLM)",
+    "gemma2": "Gemma 2 and Gemma 3 text models (Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextModel)",
     "moe": "Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE mixture-of-experts decoders",
     "gpt2": "GPT2Model, GPT2LMHeadModel and other GPT-2 heads",
     "t5": "T5ForConditionalGeneration, T5Model (FLAN-T5): encoder blocks, then decoder blocks",
@@ -380,6 +385,7 @@ _ADAPTERS: list[ModelAdapter] = [
     QWEN3,
     PHI3,
     GEMMA,
+    GEMMA2,
     MOE,
     GPT2,
     T5,

@@ -224,6 +224,15 @@ def calibrated_modules(block: nn.Module, kind_of: ModuleKind = module_kind) -> d
     return found
 
 
+def routed_fraction(block: nn.Module) -> float:
+    """The share of a block's tokens each routed expert sees on average: top_k / experts of its
+    router (1 without one)."""
+    for module in block.modules():
+        if _is_router(module) and isinstance(getattr(module, "top_k", None), int):
+            return module.top_k / module.weight.shape[0]
+    return 1.0
+
+
 def routed_modules(name: str, module: nn.Module) -> list[ModuleRef]:
     """The Linear maps of fused experts: every expert's gate_up_proj, then every down_proj."""
     experts = getattr(module, EXPERT_PARAMETERS[0]).shape[0]

@@ -27,9 +27,11 @@ def module_input(args: tuple, kwargs: dict) -> Tensor:
     return next(v for v in kwargs.values() if isinstance(v, Tensor))
 
 
-def _routes(args: tuple, kwargs: dict) -> Tensor:
-    """The (tokens, top_k) expert indices a fused experts module is called with."""
-    return args[1] if len(args) > 1 else kwargs["top_k_index"]
+def _routed_call(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """The (tokens, d) input and the (tokens, top_k) expert indices of a fused experts call."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    routes = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    return hidden, routes
 
 
 @contextmanager
@@ -42,8 +44,10 @@ def expert_hooks(modules: dict[str, ModuleRef], cache: ExpertCache) -> Iterator[
             stop_forward()
 
     def on_input(name):
+        read = (lambda a, k: _routed_call(a, k)[0]) if modules[name].routed else module_input
+
         def hook(module, args, kwargs):
-            cache.on_input(name, module_input(args, kwargs))
+            cache.on_input(name, read(args, kwargs))
             stop_if_complete()
 
         return hook
@@ -95,7 +99,7 @@ def student_hooks(
         names = {n for i in indices for n in plan.groups[i].names}
 
         def hook(module, args, kwargs):
-            stats.accumulate_routed(indices, module_input(args, kwargs), _routes(args, kwargs))
+            stats.accumulate_routed(indices, *_routed_call(args, kwargs))
             if plan.last in names:
                 leader_inputs.clear()
                 stop_forward()

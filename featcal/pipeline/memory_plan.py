@@ -19,7 +19,7 @@ import torch
 
 from ..errors import FeatCalError
 from ..io.offload import PLACEMENTS
-from ..models.modules import LINEAR, ModuleKind, calibrated_modules, module_kind
+from ..models.modules import LINEAR, ModuleKind, calibrated_modules, module_kind, routed_fraction
 from ..sizes import human
 
 
@@ -94,7 +94,9 @@ def estimate(
         stats += max((max(d * d, d * o) for d, o in linear), default=0)
         statistics = max(statistics, stats * acc)
         width = max((m.d_in for m in modules), default=0)
-        activations_per_token = max(activations_per_token, 2 * sum(o for _, o in linear) + 4 * width)
+        share = routed_fraction(block)  # a routed expert's outputs exist for its tokens only
+        outputs = sum(m.d_out * (share if m.routed else 1) for m in modules if m.kind == LINEAR)
+        activations_per_token = max(activations_per_token, int(2 * outputs) + 4 * width)
     tokens = [n * t for n, t, _ in batches]
     hidden = max((h for _, _, h in batches), default=0)
     stream = sum(tokens) * hidden * size
