@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import LLAMA, NEW_FAMILIES, make_data, make_experts  # noqa: E402
+from tiny_models import LLAMA, NEW_FAMILIES, make_data, setup  # noqa: E402
 
 from featcal import FeatCalConfig, calibrate  # noqa: E402
 from featcal.models.adapters import find_adapter  # noqa: E402
@@ -56,13 +56,7 @@ def kinds(model) -> str:
 
 def drifts(family, tasks: int) -> tuple[float, float, int]:
     """(logits drift of the merge, of the calibrated merge, routed maps left merged)."""
-    base = family.build(0).float()
-    base.config._experts_implementation = "grouped_mm"
-    experts = make_experts(base, tasks, rel=0.2)
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, p in merged.named_parameters():
-            p.add_(0.3 * sum(dict(e.named_parameters())[name] - p for e in experts.values()))
+    base, experts, merged, _ = setup(family, tasks, dtype=torch.float32, rel=0.2)
     data = make_data(family, list(experts), batches=8, size=8, seed=3)
     fresh = make_data(family, list(experts), batches=4, seed=11)
     calibrated = copy.deepcopy(merged)

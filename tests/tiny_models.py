@@ -438,13 +438,14 @@ def make_data(family: Family, tasks, batches: int = 2, size: int = 4, seed: int 
     return {t: [family.make_batch(gen, size) for _ in range(batches)] for t in tasks}
 
 
-def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 0.3):
-    """(base, experts, merged, data) for a family, in `dtype`; merged by Task Arithmetic."""
+def setup(family: Family, tasks: int = 3, dtype=torch.float64, scaling: float = 0.3, rel: float = 0.05):
+    """(base, experts, merged, data) for a family, in `dtype`; experts with task vectors of `rel`
+    times each tensor's std, merged by Task Arithmetic."""
     base = family.build(0).to(dtype)
     config = getattr(base, "config", None)
     if dtype != torch.float64 and config is not None:  # MoE: transformers' default experts (float64: eager)
         config._experts_implementation = "grouped_mm"
-    experts = make_experts(base, tasks)
+    experts = make_experts(base, tasks, rel)
     merged = copy.deepcopy(base)
     with torch.no_grad():
         for name, p in merged.named_parameters():

@@ -247,7 +247,7 @@ PHI3 = replace(DECODER_LM, name="phi3", classes=("Phi3PreTrainedModel",))
 
 def _gemma_token_axis(module_name: str) -> int:
     # Gemma 3 normalises queries and keys after the heads move before the tokens.
-    return 2 if module_name.endswith(("q_norm", "k_norm")) else 1
+    return 2 if attention_head_norms(module_name) else 1
 
 
 # Norms z * (1 + w), found by their formula; otherwise a Llama.
