@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import extension, ops
+from . import data_command, extension, ops
 from .config import SEQUENTIAL_MODES, FeatCalConfig
 from .errors import FeatCalError
 from .pipeline.distributed import in_process_group, is_first_process, process_group_from_environment
@@ -37,9 +37,47 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base (pretrained) model: directory or hub id")
-    parser.add_argument("--experts", nargs="+", required=True, metavar="TASK=PATH", help="fine-tuned experts")
+def _weighted(values: list[str]) -> tuple[dict[str, str], dict[str, float]]:
+    """TASK=PATH[:WEIGHT] arguments -> (task -> path, task -> weight where one is given)."""
+    paths, weights = {}, {}
+    for task, item in _pairs(values, "--experts").items():
+        path, sep, weight = item.rpartition(":")
+        try:
+            value = float(weight) if sep and path else None
+        except ValueError:
+            value = None  # a ':' that is part of the path
+        if value is None:
+            paths[task] = item
+        else:
+            paths[task], weights[task] = path, value
+    return paths, weights
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = action.nargs != 0 and action.default not in (None, False, argparse.SUPPRESS, [])
+        if shown and action.option_strings and "%(default)" not in help_text and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def _common(parser: argparse.ArgumentParser, *, recipe: bool = False) -> None:
+    optional = " (default: from the merged directory's mergekit_config.yml)" if recipe else ""
+    parser.add_argument(
+        "--base", required=not recipe, help="base (pretrained) model: directory or hub id" + optional
+    )
+    parser.add_argument(
+        "--experts",
+        nargs="+",
+        required=not recipe,
+        default=[],
+        metavar="TASK=PATH" if recipe else "TASK=PATH[:WEIGHT]",
+        help="fine-tuned experts"
+        + (optional + "; given ones replace the recipe's of that name" if recipe else ""),
+    )
     parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -48,13 +86,42 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _hyperparameter_options(parser: argparse.ArgumentParser) -> None:
     """FeatCal's hyperparameters (FeatCalConfig's fields of the same names)."""
     defaults = FeatCalConfig()
-    parser.add_argument("--lambda-ratio", type=float, default=defaults.lambda_ratio, help="ridge weight")
-    parser.add_argument("--anchor-blend-rho", type=float, default=defaults.anchor_blend_rho)
-    parser.add_argument("--teacher-interp-alpha", type=float, default=defaults.teacher_interp_alpha)
-    parser.add_argument("--covariance-eps", type=float, default=defaults.covariance_eps)
-    parser.add_argument("--no-calibrate-bias", dest="calibrate_bias", action="store_false")
-    parser.add_argument("--no-calibrate-layernorm", dest="calibrate_layernorm", action="store_false")
-    parser.add_argument("--cross-method", choices=["auto", "cross", "project"], default=defaults.cross_method)
+    parser.add_argument(
+        "--lambda-ratio",
+        type=float,
+        default=defaults.lambda_ratio,
+        help="ridge weight lambda pulling each parameter toward its anchor",
+    )
+    parser.add_argument(
+        "--anchor-blend-rho",
+        type=float,
+        default=defaults.anchor_blend_rho,
+        help="rho in the anchor rho * merged + (1 - rho) * base",
+    )
+    parser.add_argument(
+        "--teacher-interp-alpha",
+        type=float,
+        default=defaults.teacher_interp_alpha,
+        help="alpha in the teacher input alpha * x_expert + (1 - alpha) * x_merged",
+    )
+    parser.add_argument(
+        "--covariance-eps", type=float, default=defaults.covariance_eps, help="eps, floor of the Gram norms"
+    )
+    parser.add_argument(
+        "--no-calibrate-bias", dest="calibrate_bias", action="store_false", help="keep the merged biases"
+    )
+    parser.add_argument(
+        "--no-calibrate-layernorm",
+        dest="calibrate_layernorm",
+        action="store_false",
+        help="keep the merged norm weights",
+    )
+    parser.add_argument(
+        "--cross-method",
+        choices=["auto", "cross", "project"],
+        default=defaults.cross_method,
+        help="how the solve's right-hand side is accumulated (all give the same result)",
+    )
     parser.add_argument(
         "--sequential",
         choices=list(SEQUENTIAL_MODES),
@@ -66,8 +133,7 @@ def _hyperparameter_options(parser: argparse.ArgumentParser) -> None:
         "--min-expert-tokens",
         type=int,
         default=defaults.min_expert_tokens,
-        help=f"MoE: a routed expert reached by fewer calibration tokens keeps its merged weights "
-        f"(default {defaults.min_expert_tokens})",
+        help="MoE: a routed expert reached by fewer calibration tokens keeps its merged weights",
     )
 
 
@@ -89,23 +155,51 @@ def _counts(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featcal", description="FeatCal post-merging calibration.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    merge = sub.add_parser("merge", help="merge experts by Task Arithmetic or TIES")
+    parser = argparse.ArgumentParser(prog="featcal", description="FeatCal post-merging calibration.")
+    parser.add_argument("--version", action="version", version=f"featcal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = {"formatter_class": _HelpFormatter}
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge experts by Task Arithmetic or TIES",
+        description="Merge experts: --experts math=DIR:0.4 gives an expert its weight (default 1). "
+        "ta: base + scaling * sum_t w_t tau_t. ties: trim, elect sign, weighted disjoint mean; "
+        "--trim per-tensor is mergekit's ties (its weight, density, lambda = --scaling, "
+        "normalize: true), --trim global the TIES paper's and FusionBench's.",
+        **formatter,
+    )
     _common(merge)
     merge.add_argument("--method", choices=["ta", "ties"], default="ta")
     merge.add_argument("--scaling", type=float, help="scaling of the merged task vector (ta: 0.3, ties: 1.0)")
     merge.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
+    merge.add_argument(
+        "--trim",
+        choices=["global", "per-tensor"],
+        default="global",
+        help="ties: keep the largest entries of each whole task vector, or of each tensor",
+    )
 
     sub.add_parser("backends", help="build featcal._C if needed and say what serves each op")
+    data_command.add_parser(sub)
 
-    cal = sub.add_parser("calibrate", help="calibrate a merged model with FeatCal")
-    _common(cal)
+    cal = sub.add_parser(
+        "calibrate",
+        help="calibrate a merged model with FeatCal",
+        description="Calibrate a merged model. A mergekit output directory names its base and experts in "
+        "its mergekit_config.yml: then --base and --experts may be left out (each expert is called by the "
+        "last part of its path, as --data NAME=FILE).",
+        **formatter,
+    )
+    _common(cal, recipe=True)
     cal.add_argument("--merged", required=True, help="merged model: directory or hub id")
-    cal.add_argument("--data", nargs="+", required=True, metavar="TASK=FILE", help="safetensors input files")
+    cal.add_argument(
+        "--data", nargs="+", required=True, metavar="TASK=FILE", help="safetensors input files (featcal data)"
+    )
     defaults = FeatCalConfig()
-    cal.add_argument("--batch-size", type=int, default=16)
+    cal.add_argument("--batch-size", type=int, default=16, help="examples per forward")
     cal.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     cal.add_argument("--report", type=Path, help="also write the JSON report here")
     cal.add_argument(
@@ -144,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a CLIP-style base and one expert per task on scikit-learn's digits "
         "(cached after the first run), merges the experts, calibrates the merge with FeatCal and "
         "scores every task on held-out data.",
+        **formatter,
     )
     demo.add_argument("--out", type=Path, default=Path("featcal-demo"), help="for report.json and demo.png")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     demo.add_argument(
         "--samples-per-task", type=int, help="unlabeled examples per task for FeatCal (default: 256)"
     )
-    demo.add_argument("--merge", choices=["ta", "ties"], default="ta")
+    demo.add_argument("--merge", choices=["ta", "ties"], default="ta", help="how the experts are merged")
     demo.add_argument("--scaling", type=float, help="of the merged task vector (ta: 0.3, ties: 1.0)")
     demo.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
     _hyperparameter_options(demo)
@@ -176,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo(args: argparse.Namespace) -> None:
     from . import demo
+    from .io.checkpoint import check_output
 
+    check_output(args.out, args.overwrite)
     samples = demo.DemoConfig.samples_per_task if args.samples_per_task is None else args.samples_per_task
     config = demo.DemoConfig(
         recipe=demo.QUICK_RECIPE if args.quick else demo.Recipe(),
@@ -197,28 +295,27 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_merge(args) -> None:
-    from .io.checkpoint import atomic_directory, check_output, load_model, resolve, save_model
+    from .io.checkpoint import atomic_directory, check_output, check_outside, load_model, resolve, save_model
     from .io.lazy_checkpoint import LazyCheckpoint
-    from .merging import task_arithmetic, task_arithmetic_checkpoints, ties_merging
+    from .merging import MergeRecipe, merge_checkpoints, merge_states
 
     check_output(args.out, args.overwrite)
-    experts_src = _pairs(args.experts, "--experts")
-    sources = [resolve(args.base), *map(resolve, experts_src.values())]
-    lazy = all(isinstance(s, Path) and LazyCheckpoint.holds_safetensors(s) for s in sources)
+    experts_src, weights = _weighted(args.experts)
     scaling = args.scaling if args.scaling is not None else 0.3 if args.method == "ta" else 1.0
+    recipe = MergeRecipe(args.method, scaling, args.density, args.trim, weights)
+    base = resolve(args.base)
+    experts = {task: resolve(path) for task, path in experts_src.items()}
+    check_outside(args.out, {"base model": args.base, **{f"expert {t!r}": p for t, p in experts_src.items()}})
+    sources = [base, *experts.values()]
     with atomic_directory(args.out, args.overwrite) as tmp:
-        if args.method == "ta" and lazy:
+        if all(isinstance(s, Path) and LazyCheckpoint.holds_safetensors(s) for s in sources):
             # Local safetensors checkpoints: merged a group of tensors at a time, never a whole model.
-            task_arithmetic_checkpoints(sources[0], dict(zip(experts_src, sources[1:])), tmp, scaling=scaling)
+            merge_checkpoints(base, experts, tmp, recipe)
         else:
-            base = load_model(sources[0])
-            experts = {task: load_model(path) for task, path in zip(experts_src, sources[1:])}
-            if args.method == "ta":
-                merged = task_arithmetic(base, experts, scaling=scaling)
-            else:
-                merged = ties_merging(base, experts, scaling=scaling, density=args.density)
-            save_model(merged, tmp, companions_from=sources[0])
-    print(f"merged {len(experts_src)} experts by {args.method} into {args.out}")
+            modules = {task: load_model(path) for task, path in experts.items()}
+            save_model(merge_states(load_model(base), modules, recipe), tmp, companions_from=base)
+    trim = f" ({args.trim} trim)" if args.method == "ties" else ""
+    print(f"merged {len(experts)} experts by {args.method}{trim} into {args.out}")
 
 
 def run_calibrate(args) -> None:
@@ -228,17 +325,19 @@ def run_calibrate(args) -> None:
 
 
 def _calibrate(args, device: str | None) -> None:
-    from .io.checkpoint import load_model, resolve
+    from .io.checkpoint import check_outside, load_model, resolve
     from .io.data_files import load_calibration_file
     from .io.lazy_checkpoint import LazyCheckpoint
-    from .pipeline.checks import check_tasks
+    from .pipeline.checks import check_device, check_tasks
     from .pipeline.driver import calibrate
     from .pipeline.partial_output import inspect
 
+    check_device(device)  # before the data and a merged model loaded whole
     if not in_process_group():  # under torchrun, rank 0 checks inside calibrate, with the others
         inspect(args.out, args.overwrite, args.resume)
-    experts_src = _pairs(args.experts, "--experts")
+    base, experts_src = _models(args)
     data_src = _pairs(args.data, "--data")
+    check_outside(args.out, {"merged model": args.merged, "base model": base, **experts_src})
     config = FeatCalConfig(
         **_hyperparameters(args),
         drift_examples=args.drift_examples,
@@ -257,7 +356,7 @@ def _calibrate(args, device: str | None) -> None:
         merged = load_model(merged)
     _, report = calibrate(
         merged,
-        base=args.base,
+        base=base,
         experts=experts_src,
         data=data,
         config=config,
@@ -274,6 +373,32 @@ def _calibrate(args, device: str | None) -> None:
     print(f"wrote {args.out} (report: {args.out / 'featcal_report.json'})")
 
 
+def _models(args) -> tuple[str, dict[str, str]]:
+    """(base, task -> expert) from --base and --experts, and for what they leave out, from the
+    merged directory's mergekit_config.yml."""
+    from .integrations.mergekit import RECIPE_FILE, read_recipe
+
+    given = _pairs(args.experts, "--experts")
+    merged = Path(args.merged).expanduser()
+    recipe = read_recipe(merged) if merged.is_dir() and (args.base is None or not args.experts) else None
+    if recipe is None:
+        if args.base is None or not given:
+            raise FeatCalError(
+                f"give --base and --experts: {args.merged} has no {RECIPE_FILE} (as a mergekit output "
+                "has) to name them"
+            )
+        return args.base, given
+    unknown = sorted(set(given) - set(recipe.experts)) if args.experts else []
+    if unknown and args.base is None:
+        raise FeatCalError(
+            f"--experts names {unknown}, which {recipe.path} does not: its experts are "
+            f"{sorted(recipe.experts)}; give --base and all --experts to calibrate toward other experts"
+        )
+    experts = {**recipe.experts, **given} if not unknown else given
+    print(f"featcal: {recipe.describe()}", file=sys.stderr)
+    return args.base or recipe.base, experts
+
+
 def run_backends(args: argparse.Namespace) -> None:
     for op, where in ops.backend_info().items():
         print(f"{op:<15} cpu: {where['cpu']:<20} cuda: {where['cuda']}")
@@ -283,7 +408,7 @@ def run_backends(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="featcal: %(levelname)s: %(message)s", level=logging.WARNING)
+    _log_to_stderr()
     try:
         with stop_on_signals():
             return _dispatch(args)
@@ -298,6 +423,27 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_status
 
 
+class _LogFormat(logging.Formatter):
+    """featcal's info lines as `featcal: ...`, its warnings as `featcal: warning: ...`; other
+    libraries' records as `name: level: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: "
+        if record.name.split(".")[0] == "featcal":
+            return f"featcal: {level if record.levelno >= logging.WARNING else ''}{record.getMessage()}"
+        return f"{record.name}: {level}{record.getMessage()}"
+
+
+def _log_to_stderr() -> None:
+    """Log lines to stderr in _LogFormat: featcal's from info up (e.g. the first-use compile and
+    its duration), other libraries' from warnings up."""
+    logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(_LogFormat())
+    logging.getLogger("featcal").setLevel(logging.INFO)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         commands = {
@@ -305,6 +451,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "calibrate": run_calibrate,
             "backends": run_backends,
             "demo": run_demo,
+            "data": data_command.run,
         }
         commands[args.command](args)
     except FeatCalError as err:

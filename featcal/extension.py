@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
@@ -56,7 +57,7 @@ def load() -> ModuleType | None:
         except Exception as exc:  # no compiler, a failed build, a missing LAPACK symbol: fall back
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             _error = f"{type(exc).__name__}: {lines[0]}"
-            log.warning("featcal: C++ extension unavailable (%s); PyTorch serves ridge_solve", _error)
+            log.warning("C++ extension unavailable (%s); PyTorch serves ridge_solve", _error)
     return _module
 
 
@@ -71,8 +72,10 @@ def _build() -> ModuleType:
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
     built = [p for p in target.glob(f"{NAME}.*") if p.suffix in (".so", ".pyd")]
-    if not built or any(p.stat().st_mtime > built[0].stat().st_mtime for p in sources()):
-        log.warning("featcal: compiling the C++ extension featcal._C (once, about a minute) into %s", target)
+    compiles = not built or any(p.stat().st_mtime > built[0].stat().st_mtime for p in sources())
+    if compiles:
+        log.info("compiling the C++ extension featcal._C (once, about a minute) into %s", target)
+    started = time.perf_counter()
     module = load_extension(
         name=NAME,
         sources=[str(p) for p in sources()],
@@ -81,4 +84,6 @@ def _build() -> ModuleType:
         verbose=os.environ.get("FEATCAL_VERBOSE_BUILD") == "1",
     )
     sys.modules["featcal._C"] = module
+    if compiles:
+        log.info("compiled featcal._C in %.0f s", time.perf_counter() - started)
     return module

@@ -71,7 +71,7 @@ def _load_kernels() -> ModuleType | None:
         except ImportError as exc:
             _kernels_error = f"{type(exc).__name__}: {exc}"
             if requested_backend() == "auto":
-                log.warning("featcal: Triton kernels unavailable (%s); PyTorch serves", _kernels_error)
+                log.warning("Triton kernels unavailable (%s); PyTorch serves", _kernels_error)
         else:
             _kernels = kernels
     return _kernels

@@ -1,10 +1,13 @@
 """Task Arithmetic and TIES on state dicts and modules."""
 
+import math
+
 import pytest
 import torch
 from tiny_models import CLIP_VISION, make_experts
 
 from featcal import FeatCalError, task_arithmetic, ties_merging
+from featcal.merging import MergeRecipe, kth_largest, merge_checkpoints, merge_states
 
 
 def _state(**tensors):
@@ -64,9 +67,18 @@ def test_merge_errors_name_task_key_and_shapes():
         task_arithmetic(base, {})
 
 
-def test_task_arithmetic_on_checkpoints_equals_in_memory_and_reads_in_groups(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        MergeRecipe("ta", 0.4),
+        MergeRecipe("ta", 0.5, weights={"task0": 0.2, "task2": -0.7}),
+        MergeRecipe("ties", 1.0, 0.3),
+        MergeRecipe("ties", 0.8, 0.3, "per-tensor", weights={"task1": 2.5}),
+    ],
+    ids=["ta", "ta-weights", "ties-global", "ties-per-tensor-weights"],
+)
+def test_checkpoint_merges_equal_in_memory_and_read_in_groups(tmp_path, monkeypatch, recipe):
     from featcal.io.lazy_checkpoint import LazyCheckpoint
-    from featcal.merging import task_arithmetic_checkpoints
 
     base = CLIP_VISION.build(0).to(torch.bfloat16)
     experts = make_experts(base, 3)
@@ -84,10 +96,14 @@ def test_task_arithmetic_on_checkpoints_equals_in_memory_and_reads_in_groups(tmp
     monkeypatch.setattr(LazyCheckpoint, "read", recording)
     group = 16 * 1024
     out = tmp_path / "merged"
-    task_arithmetic_checkpoints(tmp_path / "base", {t: tmp_path / t for t in experts}, out, 0.4, group)
+    merge_checkpoints(tmp_path / "base", {t: tmp_path / t for t in experts}, out, recipe, group)
     monkeypatch.undo()
 
-    want = task_arithmetic(base, experts, scaling=0.4).state_dict()
+    if recipe.method == "ta":
+        want = task_arithmetic(base, experts, recipe.scaling, recipe.weights).state_dict()
+    else:
+        args = (recipe.scaling, recipe.density, recipe.trim, recipe.weights)
+        want = ties_merging(base, experts, *args).state_dict()
     got = LazyCheckpoint(out)
     largest = max(got.nbytes([k]) for k in got.keys())
     assert len(reads) > 3 * 4 and max(reads) <= max(group, largest)
@@ -97,10 +113,8 @@ def test_task_arithmetic_on_checkpoints_equals_in_memory_and_reads_in_groups(tmp
         assert value.dtype == torch.bfloat16 and torch.equal(value, want[key]), key
 
 
-def test_task_arithmetic_on_checkpoints_names_a_missing_tensor(tmp_path):
+def test_checkpoint_merge_names_a_missing_tensor(tmp_path):
     from safetensors.torch import save_file
-
-    from featcal.merging import task_arithmetic_checkpoints
 
     base = CLIP_VISION.build(0)
     base.save_pretrained(tmp_path / "base")
@@ -110,4 +124,105 @@ def test_task_arithmetic_on_checkpoints_names_a_missing_tensor(tmp_path):
     with pytest.raises(
         FeatCalError, match=r"expert 'e' has no tensor 'encoder\.layers\.1\.mlp\.fc1\.weight'"
     ):
-        task_arithmetic_checkpoints(tmp_path / "base", {"e": tmp_path / "e"}, tmp_path / "out")
+        merge_checkpoints(tmp_path / "base", {"e": tmp_path / "e"}, tmp_path / "out", MergeRecipe())
+
+
+def _ties_reference(base, experts, scaling, density, trim, weights):
+    """TIES in float64 written out entry by entry over flattened task vectors."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    flat = {t: torch.cat([(e[k] - base[k]).double().flatten() for k in keys]) for t, e in experts.items()}
+    kept = {}
+    for task, tau in flat.items():
+        if trim == "global":
+            order = tau.abs().argsort(descending=True)
+            threshold = tau.abs()[order[math.ceil(density * tau.numel()) - 1]]
+            kept[task] = torch.where(tau.abs() >= threshold, tau, 0.0)
+        else:
+            parts, start = [], 0
+            for key in keys:
+                n = base[key].numel()
+                piece = tau[start : start + n]
+                keep = piece.abs().argsort(descending=True)[: max(1, int(density * n))]
+                parts.append(torch.zeros_like(piece).index_copy(0, keep, piece[keep]))
+                start += n
+            kept[task] = torch.cat(parts)
+    d = {t: weights.get(t, 1.0) * v for t, v in kept.items()}
+    total = sum(d.values())
+    out, start = {}, 0
+    for key in keys:
+        n = base[key].numel()
+        num = torch.zeros(n, dtype=torch.float64)
+        den = torch.zeros(n, dtype=torch.float64)
+        for t in experts:
+            piece, sign = d[t][start : start + n], torch.where(total[start : start + n] >= 0, 1.0, -1.0)
+            agree = piece.sign() == sign
+            num += torch.where(agree, piece, 0.0)
+            den += agree.double() * weights.get(t, 1.0)
+        den[den == 0] = 1
+        out[key] = base[key].double() + scaling * (num / den).view(base[key].shape)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("trim", ["global", "per-tensor"])
+def test_ties_weighted_equals_an_entrywise_reference(trim):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    shapes = {"a": (7, 5), "b": (11,), "c": (3, 2, 4)}
+    base = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    experts = {
+        t: {k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()} for t in "xyz"
+    }
+    weights = {"x": 0.5, "y": 1.7}
+    got = ties_merging(base, experts, 0.9, 0.37, trim, weights)
+    want = _ties_reference(base, experts, 0.9, 0.37, trim, weights)
+    for key in shapes:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+    other = ties_merging(base, experts, 0.9, 0.37, "per-tensor" if trim == "global" else "global", weights)
+    assert any(not torch.equal(other[k], got[k]) for k in shapes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_equals_kthvalue(dtype):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for _ in range(10):
+        chunks = [
+            {
+                "a": torch.randn(int(torch.randint(1, 400, ())), generator=gen, dtype=dtype).abs() * 1e-3,
+                "b": torch.randint(0, 4, (200,), generator=gen).to(dtype),  # many equal values
+            }
+            for _ in range(3)
+        ]
+        density = float(torch.rand((), generator=gen))
+        got = kth_largest(lambda c=chunks: c, ["a", "b"], density, dtype)
+        for task in "ab":
+            values = torch.cat([c[task] for c in chunks])
+            k = max(1, math.ceil(density * values.numel()))
+            assert got[task] == torch.kthvalue(values, values.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("method", ["ta", "ties"])
+def test_merge_refuses_non_finite_experts(tmp_path, method):
+    base = CLIP_VISION.build(0)
+    expert = make_experts(base, 1)["task0"]
+    with torch.no_grad():
+        expert.encoder.layers[1].mlp.fc2.weight[3, 4] = float("nan")
+    with pytest.raises(
+        FeatCalError, match=r"expert 'math': tensor 'encoder\.layers\.1\.mlp\.fc2\.weight' holds 1 NaN"
+    ):
+        merge_states(base, {"math": expert}, MergeRecipe(method))
+    base.save_pretrained(tmp_path / "base")
+    expert.save_pretrained(tmp_path / "math")
+    with pytest.raises(FeatCalError, match="holds 1 NaN or infinite"):
+        merge_checkpoints(
+            tmp_path / "base", {"math": tmp_path / "math"}, tmp_path / "out", MergeRecipe(method)
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_merge_recipe_is_checked():
+    with pytest.raises(FeatCalError, match="trim must be one of"):
+        MergeRecipe("ties", trim="per-layer")
+    with pytest.raises(FeatCalError, match="merge method must be one of"):
+        MergeRecipe("dare")
+    with pytest.raises(FeatCalError, match="expert 'a': its weight must be a finite"):
+        MergeRecipe(weights={"a": float("inf")})

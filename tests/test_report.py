@@ -65,7 +65,11 @@ def test_report_fields_json_and_summary(tmp_path):
     assert report.wall_seconds > 0
     assert report.peak_cpu_rss_bytes > 0 and report.peak_cuda_bytes is None
     assert report.device == "cpu"
-    assert report.tasks["task0"] == {"batches": 2, "tokens": 2 * 4 * 17}
+    assert report.tasks["task0"] == {
+        "batches": 2,
+        "tokens": 2 * 4 * 17,
+        "padding_tokens": 0,
+    }  # images: no padding
     assert all(b.seconds > 0 for b in report.blocks)
     assert report.backend["weighted_gram"]["cpu"] == "torch"
     report.write_json(tmp_path / "r.json")
@@ -74,6 +78,7 @@ def test_report_fields_json_and_summary(tmp_path):
     assert [b["drift_calibrated"] for b in loaded["blocks"]] == [b.drift_calibrated for b in report.blocks]
     text = report.summary()
     assert "drift merged" in text and "peak RSS" in text and len(text.splitlines()) == len(report.blocks) + 3
+    assert f"3 tasks, {3 * 2 * 4 * 17} tokens (0 padding), 3 blocks on cpu" in text
     assert "streams on device" in text and loaded["memory_plan"]["placement"] == "device"
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import DamagedOutputError, FeatCalError
-from .checkpoint import save_model
+from .checkpoint import copy_non_weights, local_files, save_model
 from .sharded_writer import save_tensors
 
 
@@ -64,4 +64,9 @@ class ModuleOutput(BlockFiles):
         self.model, self.output = model, Path(directory)
 
     def finish(self) -> None:
+        """The model saved, with the files that are not weights of the directory (or cached hub
+        snapshot) it was loaded from, if any."""
         save_model(self.model, self.output)
+        source = local_files(getattr(self.model, "name_or_path", None))
+        if source is not None:
+            copy_non_weights(source, self.output)

@@ -20,29 +20,43 @@ from torch import nn
 from ..errors import FeatCalError
 from .atomic_file import fsync_path, write_error
 
-# Files a checkpoint directory may carry beside the weights that a user of the output needs.
-COMPANION_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "image_processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
+# Tokenizer, processor and generation files: what a merge copies from its base model.
+_COMPANION_PATTERNS = (
+    "tokenizer*",
+    "*.model",  # sentencepiece
     "special_tokens_map.json",
     "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
+    "vocab*",
     "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
+    "chat_template*",
+    "*processor_config.json",
     "generation_config.json",
+)
+# Weight files, which a calibrated output writes afresh: everything else of the merged model is kept.
+_WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.gguf",
+    "*.onnx",
+    "featcal_report.json",
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve(source: str | os.PathLike) -> Path | str:
-    """A local checkpoint directory (as a Path) or a hub model id (as a str); else a clear error."""
+    """A local checkpoint directory (as a Path) or a hub model id (as a str); else a clear error.
+
+    A name that does not exist here is taken as a hub id only if it cannot be a local path: not
+    absolute, not starting with . or ~, at most one /, and no existing directory as its first part
+    (`llama/nope` beside a directory `llama` is a missing path, not a hub repository)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -51,9 +65,24 @@ def resolve(source: str | os.PathLike) -> Path | str:
             raise FeatCalError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory")
         return path
     text = str(source)
-    if not _HUB_ID.match(text) or text.startswith((".", "~")):
+    local = not _HUB_ID.match(text) or text.startswith((".", "~")) or Path(path.parts[0]).is_dir()
+    if local:
         raise FeatCalError(f"no such checkpoint directory: {text}")
     return text
+
+
+def check_outside(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output directory that is one of the local inputs (role -> path) or lies inside
+    one: replacing it would destroy the input."""
+    target = Path(out).expanduser().resolve()
+    for role, source in inputs.items():
+        where = Path(source).expanduser()
+        if not where.exists():
+            continue
+        where = where.resolve()
+        if target == where or where in target.parents:
+            inside = "is" if target == where else "lies inside"
+            raise FeatCalError(f"--out {out} {inside} the {role} {source}: choose another output directory")
 
 
 def load_model(source: str | os.PathLike) -> nn.Module:
@@ -111,7 +140,9 @@ def install_directory(tmp: Path, out: Path) -> None:
 
 
 def rename_directory(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`, replacing an existing `out`, and sync their parent."""
+    """Rename `tmp` to `out` (with the usual modes under the umask: temporary directories are
+    made 0700), replacing an existing `out`, and sync their parent."""
+    usual_modes(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         out.rename(old / out.name)
@@ -120,6 +151,15 @@ def rename_directory(tmp: Path, out: Path) -> None:
     else:
         tmp.rename(out)
     fsync_path(out.parent)
+
+
+def usual_modes(directory: Path) -> None:
+    """Give `directory` and everything under it the modes of new files and directories under the
+    umask (0755 and 0644 under the common 022), as mkdtemp and safetensors make them private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_model(model: nn.Module, out: Path, companions_from: Path | str | None = None) -> None:
@@ -134,9 +174,41 @@ def save_model(model: nn.Module, out: Path, companions_from: Path | str | None =
 
 
 def copy_companions(source: str | os.PathLike, out: str | os.PathLike, config: bool = False) -> None:
-    """Copy the processor / tokenizer / generation files (and with `config`, config.json) of a
-    checkpoint directory into `out`, where `out` lacks them."""
+    """Copy the tokenizer, processor and generation files (and with `config`, config.json) of a
+    checkpoint directory into `out`, where `out` lacks them: what a merge takes from its base."""
     source, out = Path(source), Path(out)
-    for name in ("config.json",) * config + COMPANION_FILES:
-        if (source / name).is_file() and not (out / name).exists():
-            shutil.copy2(source / name, out / name)
+    patterns = ("config.json",) * config + _COMPANION_PATTERNS
+    for path in sorted(source.iterdir()):
+        if path.is_file() and any(path.match(p) for p in patterns) and not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
+def copy_non_weights(source: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Copy every file of a checkpoint directory that is not a weight file into `out`, where
+    `out` lacks it: config, model card, merge recipe, tokenizer and processor files of any kind,
+    chat template, generation config (sub-directories too; hidden ones are left out)."""
+    source, out = Path(source), Path(out)
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if any(path.match(p) for p in _WEIGHT_PATTERNS) or (out / relative).exists():
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, out / relative)
+
+
+def local_files(source: str | os.PathLike) -> Path | None:
+    """The local directory of a checkpoint: itself, or for a hub id the snapshot the hub's cache
+    holds (None when there is none, e.g. a model built in memory)."""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except Exception:  # not a hub id, or not in the cache: there are no files to keep
+        return None

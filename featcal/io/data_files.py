@@ -8,9 +8,10 @@ N examples along its first dimension.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -20,14 +21,31 @@ from .atomic_file import atomic_file
 INPUT_KEYS = ("pixel_values", "input_ids")
 
 
-def load_calibration_file(path: str | os.PathLike, batch_size: int) -> list[dict[str, Tensor]]:
-    """The examples of a data file, as batches of `batch_size` (dicts of keyword inputs)."""
+class CalibrationData(list):
+    """A task's batches read from a data file: a list of batches (dicts of keyword inputs) that
+    also says which file they came from (`path`, as given)."""
+
+    def __init__(self, batches: Iterable[dict[str, Tensor]], path: Path) -> None:
+        super().__init__(batches)
+        self.path = path
+
+
+def load_calibration_file(path: str | os.PathLike, batch_size: int) -> CalibrationData:
+    """The examples of a data file, as batches of `batch_size`; an error naming the file when it
+    is missing, unreadable, truncated or not a safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise FeatCalError(f"no such data file: {path}")
     if batch_size < 1:
         raise FeatCalError(f"batch size must be >= 1, got {batch_size}")
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as err:
+        raise FeatCalError(
+            f"data file {path} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    except OSError as err:
+        raise FeatCalError(f"could not read data file {path}: {err.strerror or err}") from None
     if not any(key in tensors for key in INPUT_KEYS):
         raise FeatCalError(
             f"data file {path} holds tensors {sorted(tensors)}; it needs pixel_values, or "
@@ -39,7 +57,8 @@ def load_calibration_file(path: str | os.PathLike, batch_size: int) -> list[dict
     count = next(iter(counts.values()))
     if not count:
         raise FeatCalError(f"data file {path} holds no examples")
-    return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, count, batch_size)]
+    batches = ({k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, count, batch_size))
+    return CalibrationData(batches, path)
 
 
 def save_calibration_file(path: str | os.PathLike, inputs: Mapping[str, Tensor]) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import DamagedOutputError
 from ..models.lazy_model import LazyModel
 from .block_files import BlockFiles
-from .checkpoint import copy_companions
+from .checkpoint import copy_non_weights
 from .sharded_writer import ShardedWriter
 
 
@@ -97,6 +97,7 @@ class OutputCheckpoint:
         self.merged.load_stored(skeleton, block, fused)
 
     def finish(self) -> None:
-        """The index, and config.json, generation and tokenizer / processor files of the merged model."""
+        """The index, and every file of the merged model that is not a weight (config, model card,
+        recipe, tokenizer, processor, chat template, generation config)."""
         self.writer.finish()
-        copy_companions(self.merged.path, self.directory, config=True)
+        copy_non_weights(self.merged.path, self.directory)

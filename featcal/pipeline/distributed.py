@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import FeatCalError
+from .checks import check_device
 from .work import WorkPlan
 
 BUCKET_ELEMENTS = 1 << 20  # tensors at least this large travel alone, not in a coalesced buffer
@@ -244,10 +245,12 @@ def open_collectives(mode: str, timeout_seconds: float) -> Collectives:
     return ProcessGroupCollectives(timeout_seconds)
 
 
-def process_device(device: torch.device | None, comm: Collectives) -> torch.device | None:
+def process_device(device: str | torch.device | None, comm: Collectives) -> torch.device | None:
     """A process's device: "cuda" without an index means this process's LOCAL_RANK GPU (modulo
     the GPUs it sees, for launchers that show each process one), made the current device. NCCL
-    moves CUDA tensors only, gloo CPU tensors only (its reduce has no CUDA version)."""
+    moves CUDA tensors only, gloo CPU tensors only (its reduce has no CUDA version). An unknown
+    device, or CUDA where this torch has none, is an error naming the value."""
+    device = check_device(device)
     if comm.world > 1 and device is not None and device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_gpu())
@@ -293,10 +296,8 @@ def process_group_from_environment(device: str | None, timeout_seconds: float) -
         return
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_gpu = torch.device(device).type == "cuda"
-    if on_gpu:
-        if not torch.cuda.is_available():
-            raise FeatCalError(f"--device {device}: this machine has no GPU that torch can use")
+    on_gpu = check_device(device, check_index=False).type == "cuda"
+    if on_gpu:  # each process its LOCAL_RANK GPU, whatever the index given
         device = f"cuda:{local_gpu()}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds))

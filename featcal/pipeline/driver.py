@@ -36,12 +36,15 @@ from .. import ops
 from ..config import FeatCalConfig
 from ..errors import DamagedOutputError, FeatCalError, Location, add_note
 from ..io.block_files import ModuleOutput
+from ..io.checkpoint import resolve
+from ..io.data_files import CalibrationData
+from ..io.model_card import append_featcal_section
 from ..io.output_checkpoint import OutputCheckpoint
 from ..models.capture import capture_first_block_inputs
 from ..models.modules import LINEAR, unknown_norms
 from ..models.sources import ModelLike, ModelSource, device_of, open_source
 from ..sizes import parse_bytes
-from .checks import check_architecture, check_batches, check_tasks
+from .checks import check_architecture, check_batches, check_device, check_inputs, check_tasks
 from .distributed import Collectives, DistributedError, open_collectives, process_device
 from .fingerprint import LOCAL_SETTINGS, first_difference, input_fingerprint, run_fingerprint, source_digest
 from .memory_plan import MemoryPlan, choose_placement, estimate
@@ -62,14 +65,26 @@ from .phases import (
     solve,
 )
 from .plan import BlockPlan
-from .report import BlockReport, CalibrationReport, DistributedReport, StepReport, peak_cpu_rss_bytes
+from .report import (
+    IN_MEMORY_DATA,
+    IN_MEMORY_MODULE,
+    BlockReport,
+    CalibrationReport,
+    DistributedReport,
+    InputsReport,
+    StepReport,
+    TaskData,
+    peak_cpu_rss_bytes,
+)
 from .solver import BlockSystem
 from .stage_inputs import capture_stage, examples
-from .state import RunState
+from .state import RunState, TaskState
 from .stream_snapshot import SnapshotPolicy, read_snapshot, write_snapshot
 from .work import WorkPlan, solve_owners, split_work
 
 log = logging.getLogger("featcal")
+
+DRIFT_RISE = 0.01  # a block's calibrated drift above its merged drift by this fraction is warned about
 
 
 class Calibrated(NamedTuple):
@@ -141,6 +156,7 @@ def _calibrate(
         cfg = replace(cfg, progress=False)
     writes = out is not None and comm.rank == 0
     with comm.step("checking the inputs"):
+        device = check_device(device)
         tasks = check_tasks(experts, data)
         streamed = not isinstance(merged, nn.Module)
         if streamed and out is None:
@@ -157,9 +173,10 @@ def _calibrate(
         base_src = open_source(base, "base model", student.dtype)
         check_architecture(student, base_src)
         batches = {t: check_batches(t, data[t]) for t in tasks}
-        if device is not None:
-            device = torch.device(device)
-        else:
+        for t in tasks:
+            check_inputs(student, t, batches[t])
+        inputs = _describe_inputs(merged, base, experts, data, batches)
+        if device is None:
             device = torch.device("cpu") if streamed else device_of(student.model)
         device = process_device(device, comm)
         fingerprint = run_fingerprint(cfg, batches, student, base_src) if comm.world > 1 else None
@@ -203,11 +220,13 @@ def _calibrate(
                 cfg,
                 device,
                 written,
+                inputs,
                 comm,
             )
             with comm.step("writing the output"):
                 if partial is not None:
                     output.finish()
+                    append_featcal_section(partial.path, report)
                     report.write_json(partial.path / "featcal_report.json")
                     partial.complete()
         comm.check("renaming the output")  # every process returns once the output is in place
@@ -302,6 +321,7 @@ def _run(
     cfg: FeatCalConfig,
     device: torch.device,
     written: _Output,
+    inputs: InputsReport,
     comm: Collectives,
 ) -> CalibrationReport:
     started = time.perf_counter()
@@ -345,11 +365,25 @@ def _run(
         for stage in range(len(student.stages)):
             if stage == 0 or done < total:  # else every block is finished: stage 0 gave the token counts
                 capture(stage)
-                tokens = _sum_counts(
-                    comm.check("counting tokens", {t: s.tokens for t, s in state.tasks.items()})
+                # tokens: padding included (they size the statistics); real: the non-padding ones
+                counts = comm.check(
+                    "counting tokens",
+                    (
+                        {t: s.tokens for t, s in state.tasks.items()},
+                        {t: _real_tokens(s) for t, s in state.tasks.items()},
+                    ),
                 )
+                tokens = _sum_counts([padded for padded, _ in counts])
+                real = _sum_counts([mine for _, mine in counts])
             if stage == 0:
-                tasks_info = {t: {"batches": len(work.tokens[t]), "tokens": tokens[t]} for t in work.tokens}
+                tasks_info = {
+                    t: {
+                        "batches": len(work.tokens[t]),
+                        "tokens": real[t],
+                        "padding_tokens": tokens[t] - real[t],
+                    }
+                    for t in work.tokens
+                }
                 if snapshots and written.partial.manifest.snapshot is not None and done < total:
                     restored = _restore_streams(written.partial, state, resumed_from, lambda: capture(0))
             for index in range(len(student.blocks[stage])):
@@ -388,6 +422,8 @@ def _run(
                 if report.drift_calibrated is not None:
                     bar.set_postfix(drift=f"{report.drift_merged:.3f}->{report.drift_calibrated:.3f}")
         bar.close()
+        if comm.rank == 0:
+            _warn_drift_raised(blocks)
     finally:
         logger.removeHandler(collector)
         if quiet:
@@ -427,6 +463,7 @@ def _run(
         distributed=distributed,
         resumed_from=resumed_from,
         snapshot_seconds=policy.seconds,
+        inputs=inputs,
     )
 
 
@@ -742,12 +779,81 @@ def _warn_unknown_norms(student: ModelSource) -> None:
         )
 
 
+def _warn_drift_raised(blocks: list[BlockReport]) -> None:
+    """Warn when calibration raised the mean drift of a block by more than DRIFT_RISE: a sign of
+    inputs that do not belong together, or of hyperparameters that do not suit the model. (A
+    sound run may raise it by a hair: the solves minimise a ridge objective, not the drift.)"""
+    raised = [
+        b
+        for b in blocks
+        if b.drift_calibrated is not None and b.drift_calibrated > b.drift_merged * (1 + DRIFT_RISE)
+    ]
+    if not raised:
+        return
+    shown = ", ".join(f"block {b.index} {b.drift_merged:.4g} -> {b.drift_calibrated:.4g}" for b in raised[:4])
+    more = f" and {len(raised) - 4} more" if len(raised) > 4 else ""
+    log.warning(
+        "calibration raised the mean drift (merged -> calibrated) by more than %g%% at %d of %d blocks: "
+        "%s%s; is the merged model a merge of these experts (not one of the experts, or another model, "
+        "given as the merge)? Else the hyperparameters (lambda_ratio, anchor_blend_rho, "
+        "teacher_interp_alpha) may not suit this model, or the calibration data may be too few",
+        100 * DRIFT_RISE,
+        len(raised),
+        len(blocks),
+        shown,
+        more,
+    )
+
+
+def _real_tokens(state: TaskState) -> int:
+    """The non-padding tokens of a task's batches (a token weight of 0 marks padding)."""
+    shapes = state.student.shapes()
+    return sum(
+        shape[0] * shape[1] if weights is None else int((weights != 0).sum())
+        for shape, weights in zip(shapes, state.weights)
+    )
+
+
+def _describe_inputs(
+    merged: ModelLike,
+    base: ModelLike,
+    experts: Mapping[str, ModelLike],
+    data: Mapping[str, Iterable],
+    batches: dict[str, list],
+) -> InputsReport:
+    """The report's `inputs`: where each model and each task's data came from."""
+    from .. import __version__
+
+    def data_source(task: str) -> str:
+        path = data[task].path if isinstance(data[task], CalibrationData) else None
+        return IN_MEMORY_DATA if path is None else str(Path(path).resolve())
+
+    return InputsReport(
+        merged=_describe_model(merged),
+        base=_describe_model(base),
+        experts={t: _describe_model(m) for t, m in experts.items()},
+        data={t: TaskData(data_source(t), sum(examples(b) for b in batches[t])) for t in batches},
+        featcal_version=__version__,
+        torch_version=torch.__version__,
+    )
+
+
+def _describe_model(model: ModelLike) -> str:
+    """An absolute checkpoint path, a hub id, or "in-memory module"."""
+    if isinstance(model, nn.Module):
+        return IN_MEMORY_MODULE
+    if not isinstance(model, (str, os.PathLike)):
+        return f"a {type(model).__name__}"  # refused when the model is opened
+    where = resolve(model)
+    return str(where.resolve()) if isinstance(where, Path) else where
+
+
 def _batch_sizes(
     student: ModelSource, batches: dict[str, list], device: torch.device
 ) -> tuple[dict[str, list[tuple[int, int, int]]], float]:
-    """(examples, tokens, hidden width) of every batch of every task, from the adapter's sequence
-    length or one probe of the merged model's front on the first batch; and the bytes of the
-    captured block arguments per example."""
+    """(examples, tokens per example (padding included), hidden width) of every batch of every
+    task, from the adapter's sequence length or one probe of the merged model's front on the
+    first batch; and the bytes of the captured block arguments per example."""
     first = next(iter(batches.values()))[0]
     with student.front(0, device) as model:
         hidden, ctx = capture_first_block_inputs(student.adapter, model, first, device)

@@ -47,16 +47,50 @@ class BlockReport:
 
 @dataclass
 class DistributedReport:
-    """A run spread over processes: per rank its tasks, batches, tokens, seconds spent in
-    collectives (waiting for the others included) and memory plan."""
+    """A run spread over processes: per rank its tasks, batches, tokens (padding included: the
+    work they weigh), seconds spent in collectives (waiting for the others included) and memory
+    plan."""
 
     world_size: int
     backend: str | None
     ranks: list[dict]
 
 
+IN_MEMORY_MODULE = "in-memory module"
+IN_MEMORY_DATA = "in memory"
+
+
+@dataclass
+class TaskData:
+    """Where a task's calibration data came from: its data file (an absolute path) or
+    "in memory" (batches given to `calibrate`), and its number of examples."""
+
+    source: str
+    examples: int
+
+
+@dataclass
+class InputsReport:
+    """Where every input of a run came from. A model is an absolute checkpoint path, a hub id, or
+    "in-memory module"; `data` is per task; and the featcal and torch versions that ran."""
+
+    merged: str
+    base: str
+    experts: dict[str, str]
+    data: dict[str, TaskData]
+    featcal_version: str
+    torch_version: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputsReport:
+        return cls(**{**data, "data": {t: TaskData(**d) for t, d in data["data"].items()}})
+
+
 @dataclass
 class CalibrationReport:
+    """A run's report. `tasks`: per task its `batches`, its `tokens` (the non-padding tokens of
+    its batches, those the statistics count; T5: the encoder's) and `padding_tokens`."""
+
     blocks: list[BlockReport]
     tasks: dict[str, dict[str, int]]
     wall_seconds: float
@@ -72,9 +106,20 @@ class CalibrationReport:
     # run had finished them all), the blocks it kept, and the seconds of their replay.
     resumed_from: dict | None = None
     snapshot_seconds: float = 0.0  # spent writing stream snapshots into the partial output
+    inputs: InputsReport | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationReport:
+        """The report of `to_dict()` (as featcal_report.json holds it)."""
+        typed = dict(data, blocks=[BlockReport.from_dict(b) for b in data["blocks"]])
+        if data.get("distributed") is not None:
+            typed["distributed"] = DistributedReport(**data["distributed"])
+        if data.get("inputs") is not None:
+            typed["inputs"] = InputsReport.from_dict(data["inputs"])
+        return cls(**typed)
 
     def write_json(self, path: str | Path) -> None:
         """Write the report as JSON, under a temporary name first so no partial file is left."""
@@ -86,9 +131,10 @@ class CalibrationReport:
         for b in self.blocks:
             lines.append(f"{b.index:5d}  {_fmt(b.drift_merged):>12}  {_fmt(b.drift_calibrated):>16}")
         tokens = sum(t["tokens"] for t in self.tasks.values())
+        padding = sum(t.get("padding_tokens", 0) for t in self.tasks.values())
         lines.append(
-            f"{len(self.tasks)} tasks, {tokens} tokens, {len(self.blocks)} blocks on {self.device} "
-            f"in {self.wall_seconds:.1f} s"
+            f"{len(self.tasks)} tasks, {tokens} tokens ({padding} padding), {len(self.blocks)} blocks "
+            f"on {self.device} in {self.wall_seconds:.1f} s"
         )
         sequential = self.config.get("sequential", "off")
         if sequential != "off" and self.blocks:

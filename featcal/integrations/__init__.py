@@ -1,0 +1,1 @@
+"""featcal inside other tools' workflows: mergekit's outputs and FusionBench's algorithm API."""
