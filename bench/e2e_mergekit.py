@@ -60,9 +60,7 @@ def _run(args: list[str], log: list[dict]) -> str:
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    log.append(
-        {"command": " ".join(Path(a).name if "/" in a else a for a in args), "seconds": round(seconds, 1)}
-    )
+    log.append({"command": " ".join(args), "seconds": round(seconds, 1)})
     return done.stderr + done.stdout
 
 
@@ -182,6 +180,11 @@ def main() -> None:
     merged = LlamaForCausalLM.from_pretrained(work / "merged").eval()
     calibrated = LlamaForCausalLM.from_pretrained(calibrated_dir).eval()
     report = json.loads((calibrated_dir / "featcal_report.json").read_text())
+    card = (calibrated_dir / "README.md").read_text()
+    for entry in log:
+        entry["command"] = entry["command"].replace(sys.executable, "python").replace(f"{bin_dir}/", "")
+        entry["command"] = entry["command"].replace(str(work), "<tmp>")
+    output = output.replace(str(work), "<tmp>")
     result = {
         "commands": log,
         "max_abs_difference_featcal_vs_mergekit_ties": difference,
@@ -219,6 +222,12 @@ def main() -> None:
         "```",
         "",
         "Files of the output besides the weights: " + ", ".join(f"`{n}`" for n in result["kept_files"]),
+        "",
+        "The end of its `README.md`, mergekit's model card with featcal's section appended:",
+        "",
+        "````markdown",
+        card[card.index("## FeatCal calibration") :].replace(str(work), "<tmp>").rstrip(),
+        "````",
         "",
     ]
     print("\n".join(lines))

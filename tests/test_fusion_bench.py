@@ -61,13 +61,10 @@ def _images(gen: torch.Generator, count: int):
     ]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Base, experts (base plus random task vectors), processor and image datasets, saved."""
-    pytest.importorskip("fusion_bench")
+def build_pool(root: Path, examples: int = EXAMPLES) -> Path:
+    """Base, experts (base plus random task vectors), processor and image datasets, saved in root."""
     import datasets
 
-    root = tmp_path_factory.mktemp("pool")
     base = _tiny_clip(0)
     base.save_pretrained(root / "base")
     gen = torch.Generator().manual_seed(1)
@@ -77,12 +74,40 @@ def files(tmp_path_factory):
             for p in expert.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean().clamp_min(0.1))
         expert.save_pretrained(root / task)
-        labels = torch.randint(0, 3, (EXAMPLES,), generator=gen).tolist()
-        data = datasets.Dataset.from_dict({"image": _images(gen, EXAMPLES), "label": labels})
+        labels = torch.randint(0, 3, (examples,), generator=gen).tolist()
+        data = datasets.Dataset.from_dict({"image": _images(gen, examples), "label": labels})
         data = data.cast_column("image", datasets.Image())
         data.save_to_disk(str(root / f"{task}-train"))
     _processor(root / "processor")
     return root
+
+
+def fusion_bench_command(root: Path, work: Path, *overrides: str) -> list[str]:
+    """The `fusion_bench` command running featcal on the pool in `root` (its config written in `work`)."""
+    from omegaconf import OmegaConf
+
+    import featcal.integrations.fusion_bench as integration
+
+    (work / "conf" / "modelpool").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(_pool_config(root)), work / "conf" / "modelpool" / "tiny_clip.yaml")
+    command = Path(sys.executable).with_name("fusion_bench")
+    args = [str(command)] if command.exists() else [sys.executable, "-m", "fusion_bench"]
+    return [
+        *args,
+        "-cd",
+        str(integration.config_dir()),
+        "method=featcal",
+        "modelpool=tiny_clip",
+        "taskpool=dummy",
+        f"hydra.searchpath=['file://{work / 'conf'}']",
+        *overrides,
+    ]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    pytest.importorskip("fusion_bench")
+    return build_pool(tmp_path_factory.mktemp("pool"))
 
 
 def _pool_config(
@@ -249,25 +274,15 @@ def test_missing_fusion_bench_says_what_to_install():
 
 def test_fusion_bench_command_runs_featcal(files, tmp_path):
     integration = _integration()
-    from omegaconf import OmegaConf
-
-    (tmp_path / "conf" / "modelpool").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(_pool_config(files)), tmp_path / "conf" / "modelpool" / "tiny_clip.yaml")
-    command = Path(sys.executable).with_name("fusion_bench")
-    args = [str(command)] if command.exists() else [sys.executable, "-m", "fusion_bench"]
-    args += [
-        "-cd",
-        str(integration.config_dir()),
-        "method=featcal",
-        "modelpool=tiny_clip",
-        "taskpool=dummy",
-        f"hydra.searchpath=['file://{tmp_path / 'conf'}']",
+    args = fusion_bench_command(
+        files,
+        tmp_path,
         "method.samples_per_task=6",
         "method.batch_size=3",
         "method.seed=7",
         "method.progress=false",
         f"merged_model_save_path={tmp_path / 'calibrated'}",
-    ]
+    )
     env = os.environ | OFFLINE | {"FUSION_BENCH_PROJECT_ROOT": str(tmp_path)}
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr

@@ -49,12 +49,13 @@ class FeatCalAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
     of its other (non-special) models. The model calibrated is `merged_model` when given (a model
     name of the pool, e.g. `_merged_`, or a checkpoint directory loaded with the base's class),
     else the experts merged with `merge` ("task_arithmetic" or "ties") at `scaling` (None: the
-    merge's own default, 0.3 or 1.0) and, for TIES, `density`. Each expert's calibration data are
-    `samples_per_task` examples of the pool's train dataset of the same name (the first of
-    `torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))`, in that order),
-    images turned into `pixel_values` by the pool's processor, in batches of `batch_size`. The
-    other arguments are `featcal.FeatCalConfig`'s fields, with its defaults; `device` is
-    `featcal.calibrate`'s. Returns the calibrated model; its report is kept in `self.report`.
+    merge's own default, 0.3 or 1.0) and, for TIES, `density` and `trim` ("global" or
+    "per-tensor"). Each expert's calibration data are `samples_per_task` examples of the pool's
+    train dataset of the same name (the first of `torch.randperm(len(dataset),
+    generator=torch.Generator().manual_seed(seed))`, in that order), images turned into
+    `pixel_values` by the pool's processor, in batches of `batch_size`. The other arguments are
+    `featcal.FeatCalConfig`'s fields, with its defaults; `device` is `featcal.calibrate`'s.
+    Returns the calibrated model; its report is kept in `self.report`.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class FeatCalAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
         merge: str = "task_arithmetic",
         scaling: float | None = None,
         density: float = 0.2,
+        trim: str = "global",
         merged_model: str | None = None,
         samples_per_task: int = 256,
         batch_size: int = 16,
@@ -158,7 +160,7 @@ class FeatCalAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
         if self.merged_model is None:
             scaling = {} if self.scaling is None else {"scaling": self.scaling}
             if self.merge == "ties":
-                return ties_merging(base, experts, density=self.density, **scaling)
+                return ties_merging(base, experts, density=self.density, trim=self.trim, **scaling)
             return task_arithmetic(base, experts, **scaling)
         if self.merged_model in modelpool.all_model_names:
             return modelpool.load_model(self.merged_model)

@@ -62,7 +62,7 @@ def featcal_section(report) -> str:
         )
     lines += [
         "",
-        "Feature drift ||S - E|| / ||E|| of each block's output (S: this model, E: the task's expert), "
+        "Feature drift `||S - E|| / ||E||` of each block's output (S: this model, E: the task's expert), "
         "mean over tasks:",
         "",
         "| block | drift merged | drift calibrated |",
