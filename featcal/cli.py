@@ -38,12 +38,13 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def _weighted(values: list[str]) -> tuple[dict[str, str], dict[str, float]]:
-    """TASK=PATH[:WEIGHT] arguments -> (task -> path, task -> weight where one is given)."""
+    """TASK=PATH[:WEIGHT] arguments -> (task -> path, task -> weight where one is given). A PATH
+    that exists as given keeps its ':' (a directory named step:100 is a path, not a weight)."""
     paths, weights = {}, {}
     for task, item in _pairs(values, "--experts").items():
         path, sep, weight = item.rpartition(":")
         try:
-            value = float(weight) if sep and path else None
+            value = float(weight) if sep and path and not Path(item).exists() else None
         except ValueError:
             value = None  # a ':' that is part of the path
         if value is None:
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge experts: --experts math=DIR:0.4 gives an expert its weight (default 1). "
         "ta: base + scaling * sum_t w_t tau_t. ties: trim, elect sign, weighted disjoint mean; "
         "--trim per-tensor is mergekit's ties (its weight, density, lambda = --scaling, "
-        "normalize: true), --trim global the TIES paper's and FusionBench's.",
+        "normalize: true), --trim global the TIES paper's.",
         **formatter,
     )
     _common(merge)
@@ -337,7 +338,10 @@ def _calibrate(args, device: str | None) -> None:
         inspect(args.out, args.overwrite, args.resume)
     base, experts_src = _models(args)
     data_src = _pairs(args.data, "--data")
-    check_outside(args.out, {"merged model": args.merged, "base model": base, **experts_src})
+    inputs = {"merged model": args.merged, "base model": base}
+    inputs |= {f"expert {t!r}": path for t, path in experts_src.items()}
+    inputs |= {f"data file of task {t!r}": path for t, path in data_src.items()}
+    check_outside(args.out, inputs)
     config = FeatCalConfig(
         **_hyperparameters(args),
         drift_examples=args.drift_examples,

@@ -10,9 +10,11 @@ float64 tensors) and is cast back to the base's dtype.
   the d_t of that sign: theta = theta_base + scaling * sum_t d_t [agree] / sum_t w_t [agree]
   (divided by 1 where no task agrees). With unit weights that is the mean of the agreeing
   trimmed entries. The trim is either
-  - "global": over all of tau_t's entries at once, ceil(density * count) kept (the TIES paper,
-    FusionBench); a checkpoint merge finds that threshold exactly in two reads of the models,
-    by histograms of the magnitudes' bit patterns, never holding a whole task vector; or
+  - "global": over all of tau_t's entries at once, ceil(density * count) kept (the TIES paper;
+    FusionBench also trims the whole flattened task vector, with its own rounding, zero-sign
+    rule and default sum at scaling 0.3); a checkpoint merge finds that threshold exactly in two
+    reads of the models, by histograms of the magnitudes' bit patterns, never holding a whole
+    task vector; or
   - "per-tensor": in each tensor separately, max(1, floor(density * numel)) kept (mergekit's
     `ties`, whose `weight`, `density`, `lambda` and `normalize: true` are w_t, density, scaling).
 
@@ -97,12 +99,16 @@ def merge_checkpoints(
     recipe: MergeRecipe,
     group_bytes: int = 2**30,
 ) -> None:
-    """Merge safetensors checkpoint directories into the directory `out`, holding one group of
-    tensors (about `group_bytes` of the base) of the base and of every expert at a time; the same
-    arithmetic as on state dicts, so the same result. Copies the base's config and companions."""
+    """Merge safetensors checkpoint directories into the directory `out`, a group of tensors at a
+    time: about `group_bytes` of the base and of one expert for Task Arithmetic, `group_bytes` in
+    all over the base and every expert for TIES (in float32: twice that for 16-bit models). The
+    same arithmetic as on state dicts, so the same result. Copies the base's config and companions."""
+    if not experts:
+        raise FeatCalError("no experts to merge")
     source = _Checkpoint(LazyCheckpoint(base), "the base model")
     tasks = {task: _Checkpoint(LazyCheckpoint(path), f"expert {task!r}") for task, path in experts.items()}
-    groups = _groups(source.checkpoint, group_bytes)
+    share = 1 if recipe.method == "ta" else len(tasks) + 1
+    groups = _groups(source.checkpoint, group_bytes // share)
     thresholds = _global_thresholds(source, tasks, groups, recipe)
     writer = ShardedWriter(out, len(groups))
     for number, keys in enumerate(groups):
@@ -167,15 +173,10 @@ def _groups(checkpoint: LazyCheckpoint, group_bytes: int) -> list[list[str]]:
     return groups
 
 
-def _task_vectors(source: _Checkpoint, tasks: Mapping[str, _Checkpoint], keys: list[str]):
-    """(base tensors, {task: {key: tau}}) for the floating tensors among `keys`."""
-    base_sd = source.read(keys)
-    floating = [k for k in keys if base_sd[k].is_floating_point()]
-    taus = {}
-    for task, checkpoint in tasks.items():
-        expert_sd = checkpoint.read([k for k in floating if k in checkpoint])
-        taus[task] = {k: _task_vector(k, base_sd[k], expert_sd, task) for k in floating}
-    return base_sd, taus
+def _expert_vectors(base_sd: Mapping[str, Tensor], keys: list[str], checkpoint: _Checkpoint, task: str):
+    """{key: tau} of one expert for the floating tensors `keys` of the base's `base_sd`."""
+    expert_sd = checkpoint.read([k for k in keys if k in checkpoint])
+    return {k: _task_vector(k, base_sd[k], expert_sd, task) for k in keys}
 
 
 def _merge_group(
@@ -185,22 +186,23 @@ def _merge_group(
     recipe: MergeRecipe,
     thresholds: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
-    base_sd, taus = _task_vectors(source, tasks, keys)
-    merged = {k: v.clone() for k, v in base_sd.items() if not v.is_floating_point()}
-    for key in keys:
-        if key in merged:
-            continue
-        b = base_sd[key]
-        acc = b.to(accumulator_dtype(b.dtype), copy=True)
-        if recipe.method == "ta":
-            for task in tasks:
-                acc.add_(taus[task][key], alpha=recipe.scaling * recipe.weight(task))
-        else:
-            acc.add_(
-                _disjoint_mean(recipe, {t: v[key] for t, v in taus.items()}, thresholds), alpha=recipe.scaling
-            )
-        merged[key] = acc.to(b.dtype)
-    return {k: merged[k] for k in keys}
+    """The merged tensors `keys`. Task Arithmetic reads one expert at a time; TIES holds every
+    expert's task vectors of the group (its groups are smaller by as much)."""
+    base_sd = source.read(keys)
+    floating = [k for k in keys if base_sd[k].is_floating_point()]
+    acc = {k: base_sd[k].to(accumulator_dtype(base_sd[k].dtype), copy=True) for k in floating}
+    if recipe.method == "ta":
+        for task, checkpoint in tasks.items():
+            taus = _expert_vectors(base_sd, floating, checkpoint, task)
+            for key in floating:
+                acc[key].add_(taus[key], alpha=recipe.scaling * recipe.weight(task))
+            del taus
+    else:
+        taus = {task: _expert_vectors(base_sd, floating, c, task) for task, c in tasks.items()}
+        for key in floating:
+            mean = _disjoint_mean(recipe, {t: v[key] for t, v in taus.items()}, thresholds)
+            acc[key].add_(mean, alpha=recipe.scaling)
+    return {k: acc[k].to(base_sd[k].dtype) if k in acc else base_sd[k].clone() for k in keys}
 
 
 def _disjoint_mean(
@@ -249,11 +251,14 @@ def _global_thresholds(
     dtype = torch.float64 if wide else torch.float32
 
     def magnitudes() -> Iterable[dict[str, Tensor]]:
+        """Per group and task, the magnitudes of the task's vector (one task's at a time)."""
         for keys in groups:
-            _, taus = _task_vectors(source, tasks, keys)
-            yield {
-                t: torch.cat([v.abs().flatten().to(dtype) for v in per.values()]) for t, per in taus.items()
-            }
+            base_sd = source.read(keys)
+            floating = [k for k in keys if base_sd[k].is_floating_point()]
+            for task, checkpoint in tasks.items():
+                taus = _expert_vectors(base_sd, floating, checkpoint, task)
+                if taus:
+                    yield {task: torch.cat([v.abs().flatten().to(dtype) for v in taus.values()])}
 
     return kth_largest(magnitudes, list(tasks), recipe.density, dtype)
 

@@ -167,7 +167,8 @@ def test_merged_bin_checkpoint_keeps_its_tokenizer_files(tmp_path, capsys):
     assert main([*args, "--data", *_data(tmp_path), "--out", str(out), "--quiet"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (merged / name).read_bytes()
-    assert (out / "README.md").read_text().startswith("# my merge\n\n## FeatCal calibration")
+    # a module's own card stays behind (a merge built in memory carries its base's name_or_path)
+    assert (out / "README.md").read_text().startswith("## FeatCal calibration")
     assert list(out.glob("*.safetensors")) and not (out / "pytorch_model.bin").exists()
     assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
     assert all((p.stat().st_mode & 0o777) == 0o666 & ~_umask() for p in out.iterdir())
@@ -234,8 +235,8 @@ def test_info_lines_are_plain_and_warnings_marked():
 
 
 def test_a_hub_model_keeps_the_files_of_its_cached_snapshot(tmp_path, monkeypatch):
-    """A merged model loaded by hub id is saved with the non-weight files of the hub cache's
-    snapshot of it (its tokenizer, card, chat template)."""
+    """A merged model loaded by hub id is saved with the tokenizer, processor and generation files
+    of the hub cache's snapshot of it."""
     import huggingface_hub.constants
 
     from featcal.io.block_files import ModuleOutput
@@ -257,6 +258,59 @@ def test_a_hub_model_keeps_the_files_of_its_cached_snapshot(tmp_path, monkeypatc
     model.name_or_path = "org/merged"
     out = ModuleOutput(model, [], tmp_path / "out")
     out.finish()
-    for name in ("tokenizer.json", "chat_template.jinja", "README.md"):
+    for name in ("tokenizer.json", "chat_template.jinja"):
         assert (tmp_path / "out" / name).read_text() == (snapshot / name).read_text()
+    assert not (tmp_path / "out" / "README.md").exists()
     assert (tmp_path / "out" / "model.safetensors").read_bytes() != b"not copied"
+
+
+def test_resolve_names_the_local_directory_and_takes_hf_ids(tmp_path, monkeypatch):
+    from featcal import FeatCalError
+    from featcal.io.checkpoint import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()
+    with pytest.raises(FeatCalError, match="there is a local directory openai.*give hf:openai/clip"):
+        resolve("openai/clip")
+    assert resolve("hf:openai/clip") == "openai/clip"
+    assert resolve("other/clip") == "other/clip" and resolve("gpt2") == "gpt2"
+
+
+def test_out_holding_an_input_is_refused(disk, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(disk / "merged", runs / "merged")
+    args = [
+        "calibrate",
+        "--merged",
+        str(runs / "merged"),
+        "--base",
+        str(disk / "base"),
+        "--experts",
+        *_experts(disk),
+    ]
+    assert main([*args, "--data", *_data(disk), "--out", str(runs), "--overwrite"]) == 2
+    assert f"--out {runs} holds the merged model" in capsys.readouterr().err
+    assert (runs / "merged" / "config.json").is_file()
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(disk / "math.safetensors", data / "math.safetensors")
+    shutil.copy(disk / "code.safetensors", data / "code.safetensors")
+    files = [f"math={data / 'math.safetensors'}", f"code={data / 'code.safetensors'}"]
+    assert (
+        main(
+            [*args[:2], str(disk / "merged"), *args[3:], "--data", *files, "--out", str(data), "--overwrite"]
+        )
+        == 2
+    )
+    assert f"--out {data} holds the data file of task 'math'" in capsys.readouterr().err
+    assert (data / "math.safetensors").is_file()
+
+
+def test_an_expert_path_with_a_colon(tmp_path):
+    from featcal.cli import _weighted
+
+    (tmp_path / "step:100").mkdir()
+    assert _weighted([f"a={tmp_path}/step:100", f"b={tmp_path}/x:0.5", "c=org/name"]) == (
+        {"a": f"{tmp_path}/step:100", "b": f"{tmp_path}/x", "c": "org/name"},
+        {"b": 0.5},
+    )

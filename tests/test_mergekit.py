@@ -260,7 +260,7 @@ def test_recipe_forms(tmp_path):
     whole = _write(
         tmp_path,
         """
-        merge_method: slerp
+        merge_method: dare_ties
         slices:
           - sources:
               - {model: org/base-7b, layer_range: [0, 1]}
@@ -273,7 +273,7 @@ def test_recipe_forms(tmp_path):
     )
     recipe = read_recipe(whole)
     assert recipe.base == "org/base-7b" and recipe.experts == {"math-7b": "./experts/math-7b"}
-    assert recipe.merge_method == "slerp"
+    assert recipe.merge_method == "dare_ties"
     listed = _write(
         tmp_path,
         """
@@ -298,19 +298,41 @@ def test_recipe_forms(tmp_path):
             "applies a LoRA adapter",
         ),
         (
-            "merge_method: passthrough\nslices:\n  - sources: [{model: /m/a, layer_range: [0, 2]}]\n"
+            "merge_method: ties\nslices:\n  - sources: [{model: /m/a, layer_range: [0, 2]}]\n"
             "  - sources: [{model: /m/b, layer_range: [0, 2]}]\n",
             "slice 1 takes layers [0, 2] of /m/b",
         ),
         (
-            "merge_method: slerp\nbase_model: /m/a\n"
+            "merge_method: ties\nbase_model: /m/a\n"
             "slices:\n  - sources: [{model: /m/a, layer_range: [0, 1]}]\n",
             "the slices cover layers 0 to 1 but the merged model has 2",
         ),
         ("merge_method: ties\nbase_model: /m/base\nmodels: [{model: /m/base}]\n", "names no model besides"),
         ("merge_method: [unclosed\n", "is not valid YAML"),
+        ("merge_method: slerp\nbase_model: /m/a\nmodels: [{model: /m/a}, {model: /m/b}]\n", "interpolates"),
+        (
+            "merge_method: ties\nbase_model: /m/a\nslices:\n"
+            "  - sources: [{model: /m/a, layer_range: [0, 1]}, {model: /m/b, layer_range: [0, 1]}]\n"
+            "  - sources: [{model: /m/a, layer_range: [1, 2]}, {model: /m/c, layer_range: [1, 2]}]\n",
+            "slice 1 merges ['/m/a', '/m/c'] but slice 0 ['/m/a', '/m/b']",
+        ),
+        (
+            "merge_method: ties\nbase_model: /m/a\nmodels: [{model: chat}]\n",
+            "names the model chat, which is neither",
+        ),
     ],
-    ids=["no-base", "same-name", "lora", "frankenmerge", "short-slices", "no-expert", "bad-yaml"],
+    ids=[
+        "no-base",
+        "same-name",
+        "lora",
+        "frankenmerge",
+        "short-slices",
+        "no-expert",
+        "bad-yaml",
+        "slerp",
+        "stitched",
+        "bare-name",
+    ],
 )
 def test_recipe_refusals(tmp_path, recipe, message):
     with pytest.raises(FeatCalError, match=re.escape(message)):
@@ -329,3 +351,24 @@ def test_calibrate_without_recipe_asks_for_base_and_experts(models, tmp_path, ca
     ]
     assert main(args) == 2
     assert "give --base and --experts" in capsys.readouterr().err
+
+
+def test_model_card_is_written_afresh_and_keeps_the_source_bytes(tmp_path):
+    """A resumed run writes the card again: one FeatCal section, after the merged model's card as
+    it is (here not UTF-8)."""
+    from featcal.io.model_card import append_featcal_section
+    from featcal.pipeline.report import BlockReport, CalibrationReport
+
+    source, out = tmp_path / "merged", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "README.md").write_bytes("# caf\xe9 merge".encode("latin-1"))
+    blocks = [BlockReport(index=0, seconds=1.0, drift_merged=0.25, drift_calibrated=0.125)]
+    report = CalibrationReport(blocks, {"math": {"batches": 1, "tokens": 12}}, 1.0, "cpu", None, None, {}, {})
+    for _ in range(2):
+        append_featcal_section(out, report, source)
+    card = (out / "README.md").read_bytes()
+    assert card.startswith("# caf\xe9 merge\n\n## FeatCal calibration".encode("latin-1"))
+    assert card.count(b"## FeatCal calibration") == 1 and b"| 0 | 0.2500 | 0.1250 |" in card
+    append_featcal_section(out, report, None)
+    assert (out / "README.md").read_text().startswith("## FeatCal calibration")

@@ -7,6 +7,7 @@ import torch
 from tiny_models import CLIP_VISION, make_experts
 
 from featcal import FeatCalError, task_arithmetic, ties_merging
+from featcal.io.lazy_checkpoint import LazyCheckpoint
 from featcal.merging import MergeRecipe, kth_largest, merge_checkpoints, merge_states
 
 
@@ -226,3 +227,31 @@ def test_merge_recipe_is_checked():
         MergeRecipe("dare")
     with pytest.raises(FeatCalError, match="expert 'a': its weight must be a finite"):
         MergeRecipe(weights={"a": float("inf")})
+
+
+@pytest.mark.parametrize("trim", ["global", "per-tensor"])
+def test_checkpoint_ties_with_a_group_of_integers_alone(tmp_path, trim):
+    """Groups of one tensor each, one of them an integer buffer: nothing to trim there."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    base = {"a": torch.randn(5, 3, generator=gen), "ids": torch.arange(7), "z": torch.randn(4, generator=gen)}
+    experts = {
+        t: {
+            k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for t in "xy"
+    }
+    for name, state in [("base", base), *experts.items()]:
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    recipe = MergeRecipe("ties", 1.0, 0.5, trim)
+    merge_checkpoints(
+        tmp_path / "base", {t: tmp_path / t for t in experts}, tmp_path / "out", recipe, group_bytes=1
+    )
+    got = LazyCheckpoint(tmp_path / "out")
+    want = merge_states(base, experts, recipe)
+    assert all(torch.equal(got.read([k])[k], want[k]) for k in base)
+    with pytest.raises(FeatCalError, match="no experts"):
+        merge_checkpoints(tmp_path / "base", {}, tmp_path / "none", recipe)

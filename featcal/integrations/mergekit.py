@@ -6,7 +6,10 @@
 model it names enters whole: the slices, in order, cover layers 0 to the merged model's layer
 count without gaps, and every source of a slice takes that slice's layer range. Frankenmerges
 (passthrough stacks of partial layer ranges), LoRA references (`model+lora`) and `modules`
-recipes are refused with the reason.
+recipes, and the methods that interpolate between models rather than add task vectors to a base
+(slerp, nuslerp, passthrough), are refused with the reason. A relative path of the recipe that
+does not exist from the working directory is looked up beside the merged directory, where
+mergekit is usually run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from ..errors import FeatCalError
 
 RECIPE_FILE = "mergekit_config.yml"
+# merge methods whose base_model is an endpoint of an interpolation, not the experts' common base
+INTERPOLATIONS = ("slerp", "nuslerp", "passthrough")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,12 @@ def read_recipe(merged: Path) -> MergekitRecipe | None:
         raise FeatCalError(f"{path} does not hold a mergekit recipe (a mapping with merge_method)")
     if recipe.get("modules"):
         raise FeatCalError(f"{path}: recipes with `modules` are not supported; give --base and --experts")
+    method = str(recipe.get("merge_method"))
+    if method in INTERPOLATIONS:
+        raise FeatCalError(
+            f"{path}: merge_method {method} interpolates between models; FeatCal calibrates merges of "
+            "experts fine-tuned from one base: give --base (the pretrained model) and --experts"
+        )
     base = _reference(path, recipe.get("base_model"), "base_model")
     models = [
         _reference(path, m.get("model") if isinstance(m, dict) else m, "models[]")
@@ -64,21 +75,22 @@ def read_recipe(merged: Path) -> MergekitRecipe | None:
             "the experts were fine-tuned from; give --base and --experts"
         )
     experts: dict[str, str] = {}
+    written: dict[str, str] = {}  # name -> the reference as the recipe writes it
     for ref in models:
-        if ref == base or ref in experts.values():
+        if ref == base or ref in written.values():
             continue
         name = _name(ref)
         if name in experts:
             raise FeatCalError(
-                f"{path}: experts {experts[name]} and {ref} would both be called {name!r}; "
+                f"{path}: experts {written[name]} and {ref} would both be called {name!r}; "
                 "give --experts NAME=PATH for each"
             )
-        experts[name] = ref
+        experts[name], written[name] = _located(ref, path), ref
     if not experts:
         raise FeatCalError(
             f"{path} names no model besides its base {base}: there is nothing to calibrate toward"
         )
-    return MergekitRecipe(path, str(recipe.get("merge_method")), base, experts)
+    return MergekitRecipe(path, method, _located(base, path), experts)
 
 
 def _list(path: Path, recipe: dict, key: str) -> list:
@@ -106,7 +118,7 @@ def _slice_models(path: Path, slices, layers: int | None) -> tuple[str | None, l
     """(a slice's base_model, the models of the slices), refusing slices that take partial models."""
     if not isinstance(slices, list):
         raise FeatCalError(f"{path}: slices must be a list")
-    base, models, start = None, [], 0
+    base, models, start, first = None, [], 0, []
     for number, piece in enumerate(slices):
         sources = piece.get("sources") if isinstance(piece, dict) else None
         if not sources or not isinstance(sources, list):
@@ -130,6 +142,13 @@ def _slice_models(path: Path, slices, layers: int | None) -> tuple[str | None, l
             models.append(ref)
         if len(set(spans)) > 1:
             raise FeatCalError(f"{path}: the sources of slice {number} take different layer ranges")
+        names = sorted(set(models[len(models) - len(sources) :]))
+        if number and names != first:
+            raise FeatCalError(
+                f"{path}: slice {number} merges {names} but slice 0 {first}: featcal calibrates merges of "
+                "the same whole models in every layer; give --base and --experts if they are"
+            )
+        first = first if number else names
         start = spans[0]
     if layers is not None and start != layers:
         raise FeatCalError(
@@ -150,3 +169,21 @@ def _layer_count(merged: Path) -> int | None:
 
 def _name(ref: str) -> str:
     return Path(ref.rstrip("/")).name or ref
+
+
+def _located(ref: str, recipe: Path) -> str:
+    """A recipe's model reference made usable from here: as written when it exists (or is
+    absolute), else beside the merged directory when it is there; a single name that is neither
+    is refused (mergekit recipes name hub models as ORG/NAME)."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or path.exists():
+        return ref
+    beside = recipe.parent.parent / path
+    if beside.exists():
+        return str(beside)
+    if len(path.parts) == 1:
+        raise FeatCalError(
+            f"{recipe} names the model {ref}, which is neither a directory here nor beside "
+            f"{recipe.parent}: run featcal where mergekit ran, or give --base and --experts"
+        )
+    return ref

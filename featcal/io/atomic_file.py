@@ -6,6 +6,7 @@ needed, and how much room was left."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import uuid
@@ -29,9 +30,7 @@ def atomic_file(path: str | os.PathLike, needed: int | None = None) -> Iterator[
     try:
         yield tmp
         # safetensors 0.8 creates files with mode 0600; give the usual mode under the umask instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~umask())
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -39,6 +38,14 @@ def atomic_file(path: str | os.PathLike, needed: int | None = None) -> Iterator[
         raise write_error(path, needed, err) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def umask() -> int:
+    """The process's umask (read once: reading it means setting it, which other threads would see)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: str | os.PathLike) -> None:

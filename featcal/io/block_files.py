@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import DamagedOutputError, FeatCalError
-from .checkpoint import copy_non_weights, local_files, save_model
+from .checkpoint import copy_companions, local_files, save_model
 from .sharded_writer import save_tensors
 
 
@@ -64,9 +64,15 @@ class ModuleOutput(BlockFiles):
         self.model, self.output = model, Path(directory)
 
     def finish(self) -> None:
-        """The model saved, with the files that are not weights of the directory (or cached hub
-        snapshot) it was loaded from, if any."""
+        """The model saved, with the tokenizer, processor and generation files of the directory
+        (or cached hub snapshot) it was loaded from, if any. Its model card and other files stay
+        behind: a module merged in memory carries its base's name_or_path."""
         save_model(self.model, self.output)
         source = local_files(getattr(self.model, "name_or_path", None))
         if source is not None:
-            copy_non_weights(source, self.output)
+            copy_companions(source, self.output)
+
+    @property
+    def card_source(self) -> None:
+        """No model card is carried over (see finish)."""
+        return None

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import FeatCalError
-from .atomic_file import fsync_path, write_error
+from .atomic_file import fsync_path, umask, write_error
 
 # Tokenizer, processor and generation files: what a merge copies from its base model.
 _COMPANION_PATTERNS = (
@@ -45,10 +45,15 @@ _WEIGHT_PATTERNS = (
     "*.msgpack",
     "*.gguf",
     "*.onnx",
+    "*.onnx_data",
+    "*.npz",
+    "*.ckpt.*",
+    "*.data-*-of-*",
     "featcal_report.json",
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_PREFIX = "hf:"
 
 
 def resolve(source: str | os.PathLike) -> Path | str:
@@ -56,7 +61,11 @@ def resolve(source: str | os.PathLike) -> Path | str:
 
     A name that does not exist here is taken as a hub id only if it cannot be a local path: not
     absolute, not starting with . or ~, at most one /, and no existing directory as its first part
-    (`llama/nope` beside a directory `llama` is a missing path, not a hub repository)."""
+    (`llama/nope` beside a directory `llama` is a missing path, not a hub repository). `hf:ORG/NAME`
+    is always the hub id ORG/NAME."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX) and _HUB_ID.match(text[len(HUB_PREFIX) :]):
+        return text[len(HUB_PREFIX) :]
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -64,25 +73,28 @@ def resolve(source: str | os.PathLike) -> Path | str:
         if not (path / "config.json").is_file():
             raise FeatCalError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory")
         return path
-    text = str(source)
-    local = not _HUB_ID.match(text) or text.startswith((".", "~")) or Path(path.parts[0]).is_dir()
-    if local:
+    if not _HUB_ID.match(text) or text.startswith((".", "~")):
         raise FeatCalError(f"no such checkpoint directory: {text}")
+    if Path(path.parts[0]).is_dir() and len(path.parts) > 1:
+        raise FeatCalError(
+            f"no such checkpoint directory: {text} (there is a local directory {path.parts[0]}, so it is "
+            f"not looked up on the Hugging Face Hub; give {HUB_PREFIX}{text} for the hub model)"
+        )
     return text
 
 
 def check_outside(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
-    """Refuse an output directory that is one of the local inputs (role -> path) or lies inside
-    one: replacing it would destroy the input."""
+    """Refuse an output directory that is one of the local inputs (role -> path), lies inside one,
+    or holds one: replacing it would destroy the input."""
     target = Path(out).expanduser().resolve()
     for role, source in inputs.items():
         where = Path(source).expanduser()
         if not where.exists():
             continue
         where = where.resolve()
-        if target == where or where in target.parents:
-            inside = "is" if target == where else "lies inside"
-            raise FeatCalError(f"--out {out} {inside} the {role} {source}: choose another output directory")
+        if target == where or where in target.parents or target in where.parents:
+            how = "is" if target == where else "lies inside" if where in target.parents else "holds"
+            raise FeatCalError(f"--out {out} {how} the {role} {source}: choose another output directory")
 
 
 def load_model(source: str | os.PathLike) -> nn.Module:
@@ -154,12 +166,13 @@ def rename_directory(tmp: Path, out: Path) -> None:
 
 
 def usual_modes(directory: Path) -> None:
-    """Give `directory` and everything under it the modes of new files and directories under the
-    umask (0755 and 0644 under the common 022), as mkdtemp and safetensors make them private."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give `directory` and everything under it (links aside) the modes of new files and
+    directories under the umask (0755 and 0644 under the common 022), as mkdtemp and safetensors
+    make them private."""
+    mask = umask()
     for path in [directory, *directory.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_model(model: nn.Module, out: Path, companions_from: Path | str | None = None) -> None:
@@ -184,18 +197,16 @@ def copy_companions(source: str | os.PathLike, out: str | os.PathLike, config: b
 
 
 def copy_non_weights(source: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Copy every file of a checkpoint directory that is not a weight file into `out`, where
-    `out` lacks it: config, model card, merge recipe, tokenizer and processor files of any kind,
-    chat template, generation config (sub-directories too; hidden ones are left out)."""
+    """Copy every file at the top of a checkpoint directory that is not a weight file into `out`,
+    where `out` lacks it: config, model card, merge recipe, tokenizer and processor files of any
+    kind, chat template, generation config. Sub-directories (training checkpoints, logs, exports
+    such as onnx/) and hidden files are left out."""
     source, out = Path(source), Path(out)
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+    for path in sorted(source.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or (out / path.name).exists():
             continue
-        if any(path.match(p) for p in _WEIGHT_PATTERNS) or (out / relative).exists():
-            continue
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, out / relative)
+        if not any(path.match(p) for p in _WEIGHT_PATTERNS):
+            shutil.copy2(path, out / path.name)
 
 
 def local_files(source: str | os.PathLike) -> Path | None:

@@ -22,15 +22,15 @@ _SETTINGS = (
 )
 
 
-def append_featcal_section(directory: Path, report) -> None:
-    """Append featcal's section (from a CalibrationReport) to `directory`/README.md, creating the
-    card when the merged model had none."""
-    card = directory / CARD_FILE
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    with atomic_file(card) as tmp:
-        tmp.write_text(text + ("\n" if text else "") + featcal_section(report), encoding="utf-8")
+def append_featcal_section(directory: Path, report, source: Path | None) -> None:
+    """Write `directory`/README.md: `source`/README.md as it is (when there is one), then featcal's
+    section from a CalibrationReport. Written afresh each time, so a resumed run's card has one."""
+    card = source / CARD_FILE if source is not None else None
+    text = card.read_bytes() if card is not None and card.is_file() else b""
+    if text:
+        text += b"\n" if text.endswith(b"\n") else b"\n\n"
+    with atomic_file(directory / CARD_FILE) as tmp:
+        tmp.write_bytes(text + featcal_section(report).encode())
 
 
 def featcal_section(report) -> str:

@@ -101,3 +101,8 @@ class OutputCheckpoint:
         recipe, tokenizer, processor, chat template, generation config)."""
         self.writer.finish()
         copy_non_weights(self.merged.path, self.directory)
+
+    @property
+    def card_source(self) -> Path:
+        """The directory whose README.md the output's model card continues: the merged model's."""
+        return self.merged.path

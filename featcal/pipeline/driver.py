@@ -226,7 +226,7 @@ def _calibrate(
             with comm.step("writing the output"):
                 if partial is not None:
                     output.finish()
-                    append_featcal_section(partial.path, report)
+                    append_featcal_section(partial.path, report, output.card_source)
                     report.write_json(partial.path / "featcal_report.json")
                     partial.complete()
         comm.check("renaming the output")  # every process returns once the output is in place
