@@ -1,13 +1,15 @@
-"""The `featcal` command: merge experts, and calibrate a merged model with FeatCal.
+"""The `featcal` command: merge experts, make calibration data, calibrate a merged model.
 
-    featcal merge --method ta --base BASE --experts t1=DIR t2=DIR --out MERGED
+    featcal merge --method ta|ties --base BASE --experts t1=DIR[:WEIGHT] ... --out MERGED
+    featcal data --model DIR FILES... --out t1.safetensors   (through datasets and the model's processor)
     featcal calibrate --base BASE --merged MERGED --experts t1=DIR ... --data t1=FILE ... --out OUT
+    featcal calibrate --merged MERGEKIT_OUT --data t1=FILE ... --out OUT   (from mergekit_config.yml)
     torchrun --nproc-per-node N -m featcal calibrate ...   (the same run over N processes)
-    featcal backends          (builds featcal._C if needed; what serves each op)
     featcal demo              (experts on scikit-learn's digits, their merge, FeatCal; no download)
+    featcal backends          (builds featcal._C if needed; what serves each op)
 
-Bad input exits with status 2 and a one-line message naming what is wrong; outputs are
-written under a temporary name and renamed when complete.
+Bad input exits with status 2 and a one-line message naming what is wrong, checked before any
+long work where it can be; outputs are written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -183,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="ties: keep the largest entries of each whole task vector, or of each tensor",
     )
 
-    sub.add_parser("backends", help="build featcal._C if needed and say what serves each op")
     data_command.add_parser(sub)
 
     cal = sub.add_parser(
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, help="for the trained models (default: featcal's user cache)")
     demo.add_argument("--retrain", action="store_true", help="train again even if the models are cached")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("backends", help="build featcal._C if needed and say what serves each op")
     return parser
 
 
