@@ -3,7 +3,6 @@ and the small things a user expects of it: --version, defaults in --help, modes,
 
 import io
 import logging
-import os
 import shutil
 
 import pytest
@@ -13,6 +12,7 @@ from tiny_models import CLIP_VISION, LLAMA, make_data, make_experts
 from featcal import FeatCalConfig, __version__
 from featcal.cli import _log_to_stderr, _LogFormat, main
 from featcal.data import save_calibration_file
+from featcal.io.atomic_file import umask
 from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 
@@ -63,12 +63,6 @@ def _refused(capsys, args, message, *absent):
         assert not path.exists(), path
     assert not [p for p in absent[0].parent.glob(f".{absent[0].name}*")] if absent else True
     return err
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @pytest.mark.parametrize("method", ["ta", "ties"])
@@ -170,13 +164,13 @@ def test_merged_bin_checkpoint_keeps_its_tokenizer_files(tmp_path, capsys):
     # a module's own card stays behind (a merge built in memory carries its base's name_or_path)
     assert (out / "README.md").read_text().startswith("## FeatCal calibration")
     assert list(out.glob("*.safetensors")) and not (out / "pytorch_model.bin").exists()
-    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
-    assert all((p.stat().st_mode & 0o777) == 0o666 & ~_umask() for p in out.iterdir())
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask()
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask() for p in out.iterdir())
 
 
 def test_merge_output_has_the_usual_modes(disk):
     for path in [disk / "merged", *(disk / "merged").iterdir()]:
-        want = (0o777 if path.is_dir() else 0o666) & ~_umask()
+        want = (0o777 if path.is_dir() else 0o666) & ~umask()
         assert path.stat().st_mode & 0o777 == want, path
 
 

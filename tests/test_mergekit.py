@@ -15,6 +15,7 @@ from featcal import FeatCalError
 from featcal.cli import main
 from featcal.data import save_calibration_file
 from featcal.integrations.mergekit import read_recipe
+from featcal.io.atomic_file import umask
 from featcal.io.lazy_checkpoint import LazyCheckpoint
 
 
@@ -192,58 +193,17 @@ def test_calibrate_reads_the_recipe_and_keeps_the_files(models, mergekit_ties, t
     card = (out / "README.md").read_text()
     assert card.startswith((merged / "README.md").read_text())
     assert "## FeatCal calibration" in card and "math" in card and "| block |" in card
-    assert oct((out).stat().st_mode & 0o777) == oct(0o777 & ~_umask())
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert oct((out).stat().st_mode & 0o777) == oct(0o777 & ~umask())
 
 
 def test_calibrate_overrides_one_expert_of_the_recipe(models, mergekit_ties, tmp_path, capsys):
     data = [f"math={models / 'math.safetensors'}", f"code={models / 'code.safetensors'}"]
-    out = tmp_path / "out"
     other = models / "models" / "code"  # math calibrated toward the code expert: a visible change
-    assert (
-        main(
-            [
-                "calibrate",
-                "--merged",
-                str(mergekit_ties),
-                "--experts",
-                f"math={other}",
-                "--data",
-                *data,
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    report = json.loads((out / "featcal_report.json").read_text())
-    assert report["inputs"]["experts"]["math"] == str(other)
-    code = 2
-    assert (
-        main(
-            [
-                "calibrate",
-                "--merged",
-                str(mergekit_ties),
-                "--experts",
-                f"poetry={other}",
-                "--data",
-                *data,
-                "--out",
-                str(tmp_path / "no"),
-                "--quiet",
-            ]
-        )
-        == code
-    )
+    args = ["calibrate", "--merged", str(mergekit_ties), "--data", *data, "--quiet", "--experts"]
+    assert main([*args, f"math={other}", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "featcal_report.json").read_text())
+    assert report["inputs"]["experts"] == {"math": str(other), "code": str(other)}
+    assert main([*args, f"poetry={other}", "--out", str(tmp_path / "no")]) == 2
     assert "--experts names ['poetry'], which" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
 
