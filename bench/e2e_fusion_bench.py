@@ -23,12 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_fusion_bench import OFFLINE, build_pool, fusion_bench_command  # noqa: E402
 
 
-def main() -> None:
+def run(work: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="featcal-fusion-bench-"))
     pool = build_pool(work / "pool", examples=args.samples)
     overrides = [f"method.samples_per_task={args.samples}", "method.progress=false"]
     overrides.append(f"merged_model_save_path={work / 'calibrated'}")
@@ -60,6 +59,11 @@ def main() -> None:
     print("\n".join(lines))
     if args.markdown:
         args.markdown.write_text("\n".join(lines))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="featcal-fusion-bench-") as work:
+        run(Path(work))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _logits_drift(model, experts: dict, batches: dict) -> float:
     return sum(drifts) / len(drifts)
 
 
-def main() -> None:
+def run(work: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
@@ -92,7 +92,6 @@ def main() -> None:
         max_position_embeddings=128,
         pad_token_id=1,
     )
-    work = Path(tempfile.mkdtemp(prefix="featcal-mergekit-"))
     base = LlamaForCausalLM(config).eval()
     base.save_pretrained(work / "models" / "base")
     tokenizer = _tokenizer()
@@ -235,6 +234,11 @@ def main() -> None:
         args.markdown.write_text("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="featcal-mergekit-") as work:
+        run(Path(work))
 
 
 if __name__ == "__main__":
