@@ -30,21 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import make_experts  # noqa: E402
+from tiny_models import make_experts, word_tokenizer  # noqa: E402
 
 WORDS = 1000
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def _texts(task: str, count: int, rng: random.Random) -> list[str]:
@@ -94,7 +82,7 @@ def run(work: Path) -> None:
     )
     base = LlamaForCausalLM(config).eval()
     base.save_pretrained(work / "models" / "base")
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     tokenizer.save_pretrained(work / "models" / "base")
     experts = dict(zip(["math", "code"], make_experts(base, 2, rel=0.2).values()))
     for task, expert in experts.items():

@@ -394,7 +394,7 @@ def _models(args) -> tuple[str, dict[str, str]]:
                 "has) to name them"
             )
         return args.base, given
-    unknown = sorted(set(given) - set(recipe.experts)) if args.experts else []
+    unknown = sorted(set(given) - set(recipe.experts))
     if unknown and args.base is None:
         raise FeatCalError(
             f"--experts names {unknown}, which {recipe.path} does not: its experts are "

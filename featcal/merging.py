@@ -118,10 +118,12 @@ def merge_checkpoints(
 
 
 class _Checkpoint:
-    """Tensors by key from a LazyCheckpoint or a state dict, checked finite as they are read."""
+    """Tensors by key from a LazyCheckpoint or a state dict, checked finite the first time they
+    are read (the global trim reads every tensor again for its threshold)."""
 
     def __init__(self, checkpoint: LazyCheckpoint | Mapping[str, Tensor], role: str) -> None:
         self.checkpoint, self.role = checkpoint, role
+        self.finite: set[str] = set()  # keys already checked
 
     def __contains__(self, key: str) -> bool:
         return key in self.checkpoint
@@ -140,11 +142,14 @@ class _Checkpoint:
         else:
             tensors = {k: self.checkpoint[k] for k in keys}
         for key, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if key in self.finite or not value.is_floating_point():
+                continue
+            if not bool(torch.isfinite(value).all()):
                 bad = int((~torch.isfinite(value)).sum())
                 raise FeatCalError(
                     f"{self.role}: tensor {key!r} holds {bad} NaN or infinite values; refusing to merge it"
                 )
+            self.finite.add(key)
         return tensors
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import CLIP_VISION, LLAMA, make_data, make_experts
+from tiny_models import CLIP_VISION, LLAMA, make_data, make_experts, word_tokenizer
 
 from featcal import FeatCalConfig, __version__
 from featcal.cli import _log_to_stderr, _LogFormat, main
@@ -131,8 +131,6 @@ def test_a_missing_local_path_is_not_a_hub_id(disk, tmp_path, capsys, monkeypatc
 def test_merged_bin_checkpoint_keeps_its_tokenizer_files(tmp_path, capsys):
     """A merged model saved as pytorch_model.bin is loaded whole; its output still carries the
     merged directory's files that are not weights."""
-    from test_mergekit import _tokenizer
-
     base = LLAMA.build(0).float()
     base.save_pretrained(tmp_path / "base")
     experts = dict(zip(["math", "code"], make_experts(base, 2).values()))
@@ -142,7 +140,7 @@ def test_merged_bin_checkpoint_keeps_its_tokenizer_files(tmp_path, capsys):
     experts["math"].save_pretrained(merged)  # then its weights as a legacy pickle, read with weights_only
     torch.save(experts["math"].state_dict(), merged / "pytorch_model.bin")
     (merged / "model.safetensors").unlink()
-    _tokenizer().save_pretrained(merged)
+    word_tokenizer().save_pretrained(merged)
     (merged / "README.md").write_text("# my merge\n")
     for task, batches in make_data(LLAMA, ["math", "code"]).items():
         save_calibration_file(

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import LLAMA, make_data, make_experts
+from tiny_models import LLAMA, make_data, make_experts, word_tokenizer
 
 from featcal import FeatCalError
 from featcal.cli import main
@@ -17,19 +17,6 @@ from featcal.data import save_calibration_file
 from featcal.integrations.mergekit import read_recipe
 from featcal.io.atomic_file import umask
 from featcal.io.lazy_checkpoint import LazyCheckpoint
-
-
-def _tokenizer():
-    """A word-level tokenizer over the tiny Llama's 100 ids, built here (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, 100)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def _weights(path):
@@ -43,7 +30,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit")
     base = LLAMA.build(0).float()
     base.save_pretrained(root / "models" / "base")
-    _tokenizer().save_pretrained(root / "models" / "base")
+    word_tokenizer().save_pretrained(root / "models" / "base")
     experts = dict(zip(["math", "code"], make_experts(base, 2, rel=0.2).values()))
     for name, expert in experts.items():
         expert.save_pretrained(root / "models" / name)

@@ -400,6 +400,20 @@ TOY_KINDS = Family(
 )
 
 
+def word_tokenizer(vocab_size: int = 100):
+    """A word-level tokenizer of the words w4 ... w{vocab_size - 1} (ids 4 on; 0-3 are <unk>,
+    <pad>, <s>, </s>), built here: nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def save_checkpoints(root, base, experts: dict, merged, shard: str = "30KB"):
     """Sharded checkpoints of every model under `root`; returns (base dir, expert dirs, merged dir)."""
     base.save_pretrained(root / "base", max_shard_size=shard)

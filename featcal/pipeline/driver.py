@@ -825,8 +825,8 @@ def _describe_inputs(
     from .. import __version__
 
     def data_source(task: str) -> str:
-        path = data[task].path if isinstance(data[task], CalibrationData) else None
-        return IN_MEMORY_DATA if path is None else str(Path(path).resolve())
+        loaded = isinstance(data[task], CalibrationData)
+        return str(Path(data[task].path).resolve()) if loaded else IN_MEMORY_DATA
 
     return InputsReport(
         merged=_describe_model(merged),
